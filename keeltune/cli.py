@@ -1,0 +1,94 @@
+"""``keeltune <verb>``: a thin entry point; the work is done in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keeltune", description="Fine-tune LLMs without forgetting.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    config = verbs.add_parser("config", help="validate a config and print it fully resolved")
+    _add_config_args(config)
+    config.add_argument("--nproc", type=int, default=1, help="check the batch sizes for this many ranks")
+
+    train = verbs.add_parser("train", help="train on this machine (resumes when the run has a checkpoint)")
+    _add_config_args(train)
+    train.add_argument(
+        "--nproc", type=int, default=1, help="local processes (ranks), started with torch's launcher"
+    )
+
+    demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
+    demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
+    demo.add_argument(
+        "--root", type=Path, default=Path("runs"), help="where the demo's runs go (default: runs)"
+    )
+    demo.add_argument(
+        "--cache", type=Path, default=None, help="base-model cache (default: ~/.cache/keeltune)"
+    )
+    return parser
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from keeltune.config import check_world_size, load_config
+
+    config = load_config(args.config, args.overrides)
+    accumulation = check_world_size(config, args.nproc)
+    print(config.to_yaml(), end="")
+    print(f"# {args.nproc} rank(s): gradient accumulation {accumulation}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.launcher.local import run_local
+    from keeltune.launcher.run_dir import prepare_run_dir
+
+    config = load_config(args.config, args.overrides)
+    check_world_size(config, args.nproc)
+    check_paths(config)
+    run_dir, checkpoint = prepare_run_dir(config)
+    where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
+    print(f"run folder: {run_dir} ({where}, {args.nproc} rank(s))", file=sys.stderr)
+    return run_local(run_dir, args.nproc)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from keeltune.demo.run import run_demo
+
+    run_demo(root=args.root, smoke=args.smoke, cache=args.cache)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from keeltune.config import ConfigError
+    from keeltune.data_pipeline.prepare import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""The one typed config tree: YAML in, ``--set a.b=c`` overrides, errors that name the key and the fix.
+
+This module imports no torch: the login node validates configs without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file, line and key when known."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where the run folder lives: ``<root>/<name>/``."""
+
+    name: str = "run"
+    root: str = "runs"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(
+                f"run.name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+            )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Hugging Face causal LM folder (safetensors) and how to run it."""
+
+    path: str = ""
+    tokenizer: str = ""  # defaults to the model folder
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path: required (a Hugging Face model folder with config.json)")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One training data source: JSONL records of text or instructions."""
+
+    name: str
+    path: str
+    format: Literal["text", "instruction"] = "text"
+
+
+@dataclass(kw_only=True)
+class EvalSetConfig:
+    """A held-out set evaluated periodically (retention sets are general-domain text)."""
+
+    name: str
+    path: str
+    format: Literal["text", "instruction"] = "text"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What to train and evaluate on; raw files are tokenized and packed once into the run folder."""
+
+    seq_len: int = 512
+    train: list[SourceConfig] = field(default_factory=list)
+    validation: EvalSetConfig | None = None
+    retention: list[EvalSetConfig] = field(default_factory=list)
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len: {self.seq_len} is too small (at least 8)")
+        if not self.train:
+            raise ConfigError(
+                "data.train: at least one source is required, e.g. [{name: task, path: train.jsonl}]"
+            )
+        for key, sets in (("data.train", self.train), ("data.retention", self.retention)):
+            names = [s.name for s in sets]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ConfigError(f"{key}: names must be unique within the list, {duplicates} used twice")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """How often checkpoints are written and how many are kept."""
+
+    every_steps: int = 100
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError("training.checkpoint.every_steps: must be >= 1")
+        if self.keep_last < 1:
+            raise ConfigError("training.checkpoint.keep_last: must be >= 1 (the latest is needed to resume)")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The optimisation: global batch (fixed when the number of ranks changes), AdamW, warmup + cosine."""
+
+    max_steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size}; choose e.g. "
+                f"{_nearest_multiple(self.global_batch_size, self.micro_batch_size)}"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"training.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(
+                f"training.warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"training.betas: two numbers in [0, 1) expected, got {self.betas}")
+        if self.grad_clip < 0:
+            raise ConfigError("training.grad_clip: must be >= 0 (0 disables clipping)")
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-steps per optimizer step for ``world_size`` ranks; the global batch stays fixed."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch_size} cannot be made from "
+                f"micro_batch_size={self.micro_batch_size} x {world_size} ranks (= {per_step} per micro-step): "
+                f"use a global batch that is a multiple of {per_step} (e.g. "
+                f"{_nearest_multiple(self.global_batch_size, per_step)}), a smaller micro_batch_size, "
+                f"or another number of ranks"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(kw_only=True)
+class ShardingConfig:
+    """How the model is spread over ranks. ``ddp``: plain data parallel (one full replica per rank)."""
+
+    backend: Literal["ddp"] = "ddp"
+
+
+@dataclass(kw_only=True)
+class RegularizationConfig:
+    """Against overfitting and forgetting."""
+
+    weight_decay: float = 0.0
+    dropout: float | None = None  # overrides the model's attention/hidden dropout when set
+
+    def __post_init__(self) -> None:
+        if self.weight_decay < 0:
+            raise ConfigError(f"regularization.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"regularization.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Periodic task validation and retention evaluation."""
+
+    every_steps: int = 50
+    at_start: bool = True
+    micro_batch_size: int = 8
+    max_samples: int | None = None  # per set; None evaluates every sample
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError("eval.every_steps: must be >= 1")
+        if self.micro_batch_size < 1:
+            raise ConfigError("eval.micro_batch_size: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """Defaults for cluster submission (overridable on the command line)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    partition: str = ""
+    time: str = "01:00:00"
+    account: str = ""
+    qos: str = ""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError("slurm.nodes and slurm.gpus_per_node: must be >= 1")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
+            raise ConfigError(f"slurm.time: {self.time!r} is not a Slurm time (e.g. 04:00:00 or 1-12:00:00)")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """W&B: ``auto`` is online when a key is found and the host answers, offline otherwise."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "keeltune"
+    entity: str = ""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Metrics cadence and W&B."""
+
+    every_steps: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError("logging.every_steps: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole tree."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Keys a resumed run may change; everything else must match the checkpointed config.
+RESUME_MUTABLE = ("run.root", "logging", "eval", "slurm", "training.checkpoint")
+
+
+def _nearest_multiple(value: int, base: int) -> int:
+    return max(base, round(value / base) * base)
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+
+
+class _Source:
+    """Remembers where each dotted key came from (file and line) for error messages."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.places: dict[str, str] = {}
+
+    def mark(self, key: str, line: int) -> None:
+        self.places[key] = f"{self.path}:{line}"
+
+    def where(self, key: str) -> str:
+        parts = key.split(".")
+        while parts:
+            place = self.places.get(".".join(parts))
+            if place is not None:
+                return f"{place}: "
+            parts.pop()
+        return f"{self.path}: "
+
+
+def _construct(node: yaml.Node, key: str, source: _Source) -> Any:
+    if key not in source.places:
+        source.mark(key, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value)
+            child = f"{key}.{name}" if key else name
+            if name in out:
+                raise ConfigError(f"{source.path}:{key_node.start_mark.line + 1}: {child}: key given twice")
+            source.mark(child, key_node.start_mark.line + 1)
+            out[name] = _construct(value_node, child, source)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _construct(item, f"{key}.{i}" if key else str(i), source) for i, item in enumerate(node.value)
+        ]
+    return yaml.SafeLoader(" ").construct_object(node, deep=True)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], _Source]:
+    source = _Source(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: malformed YAML: {err.problem or err}") from None
+    if node is None:
+        return {}, source
+    data = _construct(node, "", source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...)")
+    return data, source
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: _Source) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{source.where(key)}{key}: {value!r} is not one of {list(choices)}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{source.where(key)}{key}: expected a list, got {type(value).__name__} {value!r}"
+            )
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+    raise ConfigError(
+        f"{source.where(key)}{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _build(cls: type, data: Any, prefix: str, source: _Source) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source.where(prefix)}{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            hint = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            suggestion = (
+                f" (did you mean {key.rsplit('.', 1)[0] + '.' if prefix else ''}{hint[0]}?)" if hint else ""
+            )
+            raise ConfigError(
+                f"{source.where(key)}{key}: unknown key{suggestion}; valid keys here: {', '.join(fields)}"
+            )
+        kwargs[name] = _convert(value, hints[name], key, source)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{source.where(prefix)}{key}: required key missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        message = str(err)
+        failing_key = re.match(r"[\w.]*", message).group(0)
+        raise ConfigError(f"{source.where(failing_key)}{message}") from None
+
+
+# --------------------------------------------------------------------------- overrides and loading
+
+
+def _apply_override(data: dict[str, Any], assignment: str, source: _Source) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of that list")
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+    source.places[key] = f"--set {assignment}"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make model and data paths absolute: relative ones are tried from the working folder, then the config's."""
+
+    def fix(value: str) -> str:
+        if not value or os.path.isabs(value):
+            return value
+        for candidate in (Path(value), base / value):
+            if candidate.exists():
+                return str(candidate.resolve())
+        return value
+
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("path", "tokenizer"):
+            if isinstance(model.get(key), str):
+                model[key] = fix(model[key])
+    section = data.get("data")
+    if isinstance(section, dict):
+        entries = list(section.get("train") or []) + list(section.get("retention") or [])
+        if isinstance(section.get("validation"), dict):
+            entries.append(section["validation"])
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["path"] = fix(entry["path"])
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Config:
+    """Build and validate a Config from plain data."""
+    return _build(Config, copy.deepcopy(data), "", _Source(origin))
+
+
+def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config, apply ``KEY=VALUE`` overrides, and validate everything that needs no files."""
+    path = Path(path)
+    data, source = _read_yaml(path)
+    run = data.setdefault("run", {})
+    if isinstance(run, dict):
+        run.setdefault("name", path.stem)
+    for assignment in overrides:
+        _apply_override(data, assignment, source)
+    _resolve_paths(data, path.parent)
+    return _build(Config, data, "", source)
+
+
+def check_world_size(config: Config, world_size: int) -> int:
+    """Fail before any work starts if the global batch cannot be made; return the accumulation steps."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    return config.training.gradient_accumulation(world_size)
+
+
+def check_paths(config: Config) -> None:
+    """Check the files a run reads and the folder it writes (done at train/launch time, not at load)."""
+    model = Path(config.model.path)
+    if not (model / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: {model} is not a Hugging Face model folder (no config.json there); "
+            "give the folder written by save_pretrained"
+        )
+    tokenizer = Path(config.model.tokenizer_path)
+    if not tokenizer.is_dir():
+        raise ConfigError(f"model.tokenizer: {tokenizer} is not a folder with a saved tokenizer")
+    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train)]
+    sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
+    if config.data.validation:
+        sets.append(("data.validation", config.data.validation.path))
+    for key, file in sets:
+        if not Path(file).is_file():
+            raise ConfigError(f"{key}.path: {file} does not exist (a JSONL file is expected)")
+    root = Path(config.run.root).absolute()
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    problem = ""
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    else:
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as err:
+            problem = f"cannot create files in {existing}: {err.strerror}"
+    if problem:
+        raise ConfigError(
+            f"run.root: {config.run.root} is not writable ({problem}); "
+            "choose a folder you can write, e.g. --set run.root=$HOME/keeltune-runs"
+        )
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists keep their index)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}.{i}"))
+        return out
+    return {prefix: data}
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Lines ``key: saved -> current`` for training-relevant keys that differ."""
+    old, new = flatten(saved), flatten(current)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == m or key.startswith(m + ".") for m in RESUME_MUTABLE):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            lines.append(f"  {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return lines

@@ -1,0 +1,146 @@
+"""The demo's numbers: tokenizer, tiny Llama, pretraining and fine-tuning schedules.
+
+``DEFAULT`` was chosen by measurement on a 2-core CPU (fp32, 2 torch threads) so
+that the whole ``keeltune demo`` (tokenizer, pretraining to a held-out
+perplexity well under ``max_pretrain_ppl``, then fine-tuning with evaluations)
+fits in ~10 minutes with margin. ``SMOKE`` is a seconds-long variant for
+end-to-end tests; it makes no quality claim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import LlamaConfig, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """A Llama architecture (the ``LlamaConfig`` numbers that are not the tokenizer's)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """One training phase: AdamW (betas 0.9/0.95, decay on 2-D weights), linear warmup, cosine to ``min_lr_ratio * lr``."""
+
+    steps: int
+    batch_size: int  # sequences of ``seq_len`` tokens per optimizer step
+    micro_batch_size: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    eval_every: int  # evaluate task validation / retention sets every this many steps (and at 0 and the end)
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Everything the demo needs to be reproducible."""
+
+    vocab_size: int
+    seq_len: int
+    model: ModelShape
+    pretrain: Schedule
+    finetune: Schedule
+    seed: int = 0
+    max_pretrain_ppl: float = 150.0  # hard check on the held-out ("retention") perplexity after pretraining
+    chunk_chars: int | None = 3000  # general-corpus document size (see ``corpora.general_corpus``)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+DEFAULT = Recipe(
+    vocab_size=4096,
+    seq_len=256,
+    model=ModelShape(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=688,
+    ),
+    pretrain=Schedule(
+        steps=240,
+        batch_size=16,
+        micro_batch_size=16,
+        lr=2e-3,
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        eval_every=60,
+    ),
+    finetune=Schedule(
+        steps=100,
+        batch_size=16,
+        micro_batch_size=16,
+        lr=5e-4,
+        warmup_steps=10,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        eval_every=25,
+    ),
+)
+
+SMOKE = Recipe(
+    vocab_size=512,
+    seq_len=64,
+    model=ModelShape(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=172,
+    ),
+    pretrain=Schedule(
+        steps=10,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=3e-3,
+        warmup_steps=2,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        eval_every=5,
+    ),
+    finetune=Schedule(
+        steps=10,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-3,
+        warmup_steps=2,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        eval_every=5,
+    ),
+    max_pretrain_ppl=float("inf"),  # too short to learn anything: no quality check
+)
+
+
+def llama_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``recipe``'s model, with vocabulary and special ids from ``tokenizer``."""
+    shape = recipe.model
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=recipe.seq_len,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=shape.rms_norm_eps,
+        initializer_range=shape.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )

@@ -1,0 +1,264 @@
+"""``keeltune demo``: offline, on CPU, with real text. Pretrain a tiny base (cached), fine-tune it, show forgetting.
+
+The base model is pretrained with keeltune's own training loop on the English text of Python's documentation
+(``pydoc_data.topics``) and cached by recipe; the fine-tune teaches it the standard library's docstrings as
+instructions while retention perplexity on held-out documentation shows what it forgets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from keeltune.config import Config, config_from_dict
+from keeltune.demo import corpora
+from keeltune.demo.recipe import DEFAULT, SMOKE, Recipe, Schedule, llama_config
+from keeltune.demo.tokenizer import train_tokenizer
+from keeltune.launcher.entry import train_rank
+from keeltune.launcher.run_dir import prepare_run_dir
+from keeltune.training.trainer import TrainSummary
+
+BASE_INFO = "pretrain.json"
+
+
+class DemoError(RuntimeError):
+    """The demo could not reach what it promises (e.g. the base model's perplexity)."""
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    """The demo's JSONL sets."""
+
+    general_train: Path
+    retention: Path
+    retention_test: Path
+    task_train: Path
+    task_val: Path
+
+
+def write_datasets(folder: Path) -> DemoFiles:
+    """Build the general corpus and the instruction set from this Python's standard library."""
+    folder.mkdir(parents=True, exist_ok=True)
+    general = corpora.general_corpus()
+    tasks = corpora.instruction_dataset()
+    return DemoFiles(
+        general_train=corpora.write_jsonl(folder / "general_train.jsonl", general["train"]),
+        retention=corpora.write_jsonl(folder / "general_retention.jsonl", general["retention"]),
+        retention_test=corpora.write_jsonl(folder / "general_retention_test.jsonl", general["retention_test"]),
+        task_train=corpora.write_jsonl(folder / "task_train.jsonl", tasks["train"]),
+        task_val=corpora.write_jsonl(folder / "task_val.jsonl", tasks["val"]),
+    )
+
+
+def recipe_key(recipe: Recipe, files: DemoFiles) -> str:
+    """Changes when the recipe, the data or the Python version changes (then the base is pretrained again)."""
+    digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True, default=str).encode())
+    digest.update(sys.version.encode())
+    for path in (files.general_train, files.task_train):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def phase_config(
+    name: str, root: Path, model: Path, schedule: Schedule, recipe: Recipe, train: dict[str, str], files: DemoFiles
+) -> Config:
+    """A keeltune config for one demo phase (validated like any YAML config)."""
+    data: dict[str, Any] = {
+        "seq_len": recipe.seq_len,
+        "train": [train],
+        "retention": [{"name": "python-docs", "path": str(files.retention)}],
+    }
+    if train["format"] == "instruction":
+        data["validation"] = {"name": "stdlib-qa", "path": str(files.task_val), "format": "instruction"}
+    return config_from_dict(
+        {
+            "run": {"name": name, "root": str(root)},
+            "model": {"path": str(model)},
+            "data": data,
+            "training": {
+                "max_steps": schedule.steps,
+                "global_batch_size": schedule.batch_size,
+                "micro_batch_size": schedule.micro_batch_size,
+                "lr": schedule.lr,
+                "warmup_steps": schedule.warmup_steps,
+                "min_lr_ratio": schedule.min_lr_ratio,
+                "grad_clip": schedule.grad_clip,
+                "precision": "fp32",
+                "seed": recipe.seed,
+                "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
+            },
+            "regularization": {"weight_decay": schedule.weight_decay},
+            "eval": {"every_steps": schedule.eval_every, "micro_batch_size": 16},
+            "logging": {"every_steps": 1, "wandb": {"mode": "offline", "project": "keeltune-demo"}},
+        },
+        origin=f"demo:{name}",
+    )
+
+
+def train(config: Config) -> TrainSummary:
+    run_dir, _ = prepare_run_dir(config)
+    return train_rank(run_dir)
+
+
+def ensure_base(recipe: Recipe, files: DemoFiles, root: Path, cache: Path, console: Console) -> tuple[Path, dict]:
+    """The pretrained base for this recipe: from the cache, or pretrained now and cached."""
+    key = recipe_key(recipe, files)
+    base = cache / f"demo-base-{key}"
+    if (base / BASE_INFO).is_file():
+        info = json.loads((base / BASE_INFO).read_text())
+        console.print(f"[green]base model[/] reused from cache: {base} (retention ppl {info['retention_ppl']:.1f})")
+        return base, {**info, "cached": True}
+    started = time.perf_counter()
+    init = root / f"demo-init-{key}"
+    console.print("[bold]1/2 pretraining the base model[/] on Python's documentation (cached afterwards)")
+    tokenizer = train_tokenizer(
+        _texts(files.general_train) + _texts(files.task_train, "output"), recipe.vocab_size, init
+    )
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    LlamaForCausalLM(llama_config(recipe, tokenizer)).save_pretrained(init)
+    config = phase_config(
+        f"demo-pretrain-{key}",
+        root,
+        init,
+        recipe.pretrain,
+        recipe,
+        {"name": "python-docs", "path": str(files.general_train), "format": "text"},
+        files,
+    )
+    summary = train(config)
+    ppl = summary.last_eval["retention/python-docs/ppl"]
+    if ppl > recipe.max_pretrain_ppl:
+        raise DemoError(
+            f"the pretrained base reached held-out perplexity {ppl:.1f}, above the promised "
+            f"{recipe.max_pretrain_ppl:.0f}; see {summary.run_dir}/metrics.jsonl"
+        )
+    info = {
+        "retention_ppl": ppl,
+        "initial_retention_ppl": summary.first_eval.get("retention/python-docs/ppl", float("nan")),
+        "pretrain_seconds": round(time.perf_counter() - started, 1),
+        "pretrain_run": str(summary.run_dir),
+        "recipe_key": key,
+    }
+    tmp = cache / f".demo-base-{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(summary.final_model, tmp)
+    (tmp / BASE_INFO).write_text(json.dumps(info, indent=1))
+    cache.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, base)
+    shutil.rmtree(init, ignore_errors=True)
+    return base, {**info, "cached": False}
+
+
+def _texts(path: Path, field: str = "text") -> list[str]:
+    return [json.loads(line)[field] for line in path.read_text().splitlines() if line]
+
+
+def plot_curves(run_dir: Path, out: Path) -> Path:
+    """Task validation loss and retention perplexity over the fine-tune, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [r for r in records if "val/loss" in r]
+    train_records = [r for r in records if "train/loss" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["step"] for r in train_records], [r["train/loss"] for r in train_records], alpha=0.4, label="train")
+    left.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "o-", label="task validation")
+    left.set(xlabel="step", ylabel="loss", title="Task: standard-library Q&A")
+    left.legend()
+    right.plot([r["step"] for r in evals], [r["retention/python-docs/ppl"] for r in evals], "o-", color="tab:red")
+    right.set(xlabel="step", ylabel="perplexity", title="Retention: held-out Python docs (lower is better)")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> dict[str, Any]:
+    """Run the whole demo and print its summary; returns the numbers shown."""
+    console = Console(stderr=False)
+    recipe = SMOKE if smoke else DEFAULT
+    label = "demo-smoke" if smoke else "demo"
+    root = root.resolve()
+    cache = (cache or Path(os.environ.get("KEELTUNE_CACHE", "~/.cache/keeltune"))).expanduser().resolve()
+    started = time.perf_counter()
+    files = write_datasets(root / f"{label}-data")
+    base, base_info = ensure_base(recipe, files, root, cache, console)
+
+    console.print("[bold]2/2 fine-tuning[/] on standard-library Q&A, evaluating retention on held-out docs")
+    finetune_name = f"{label}-finetune"
+    shutil.rmtree(root / finetune_name, ignore_errors=True)  # each demo shows a fresh fine-tune
+    config = phase_config(
+        finetune_name,
+        root,
+        base,
+        recipe.finetune,
+        recipe,
+        {"name": "stdlib-qa", "path": str(files.task_train), "format": "instruction"},
+        files,
+    )
+    summary = train(config)
+    plot = plot_curves(summary.run_dir, summary.run_dir / "curves.png")
+    before, after = summary.first_eval, summary.last_eval
+    result = {
+        "task_loss_before": before["val/loss"],
+        "task_loss_after": after["val/loss"],
+        "retention_ppl_before": before["retention/python-docs/ppl"],
+        "retention_ppl_after": after["retention/python-docs/ppl"],
+        "forgetting_pct": after["retention/python-docs/forgetting_pct"],
+        "tokens_per_s": summary.tokens_per_s,
+        "base": str(base),
+        "base_cached": base_info["cached"],
+        "run_dir": str(summary.run_dir),
+        "wandb": summary.wandb,
+        "final_model": str(summary.final_model),
+        "plot": str(plot),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _print_summary(console, result, base_info)
+    (summary.run_dir / "demo_summary.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _print_summary(console: Console, r: dict[str, Any], base_info: dict[str, Any]) -> None:
+    table = Table(title="keeltune demo: fine-tuning a tiny base on standard-library Q&A")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row(
+        "task validation loss",
+        f"{r['task_loss_before']:.3f}",
+        f"{r['task_loss_after']:.3f}",
+        f"{100 * (r['task_loss_after'] / r['task_loss_before'] - 1):+.1f}%",
+    )
+    table.add_row(
+        "retention perplexity (held-out Python docs)",
+        f"{r['retention_ppl_before']:.1f}",
+        f"{r['retention_ppl_after']:.1f}",
+        f"{r['forgetting_pct']:+.1f}% (forgetting)",
+    )
+    console.print(table)
+    source = "cached" if r["base_cached"] else f"pretrained in {base_info['pretrain_seconds']:.0f} s"
+    console.print(f"base model        {r['base']} ({source}, retention ppl {base_info['retention_ppl']:.1f})")
+    console.print(f"fine-tune speed   {r['tokens_per_s']:,.0f} tokens/s")
+    console.print(f"run folder        {r['run_dir']}")
+    console.print(f"W&B offline run   {r['wandb']}  (upload: wandb sync <that folder>)")
+    console.print(f"final model       {r['final_model']}  (Hugging Face format)")
+    console.print(f"curves            {r['plot']}")
+    console.print(f"total time        {r['seconds']:.0f} s")

@@ -1,0 +1,105 @@
+"""Plain data parallel: a full replica on every rank, gradients averaged (torch DDP)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel
+
+from keeltune.config import Config
+from keeltune.sharding.model import decay_groups, load_causal_lm
+from keeltune.sharding.parallel import ParallelEnv
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where asked, or on ``auto`` where the device computes bf16 natively (CUDA)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class DDPBackend:
+    """Full replicas; the default backend, and the one a single process uses."""
+
+    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+        self.parallel = parallel
+        self.grad_clip = config.training.grad_clip
+        self.model = load_causal_lm(config.model.path, dropout=config.regularization.dropout).to(
+            parallel.device
+        )
+        if config.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.wrapped: torch.nn.Module = self.model
+        if parallel.distributed:
+            device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, config.regularization.weight_decay),
+            lr=config.training.lr,
+            betas=tuple(config.training.betas),
+            eps=config.training.eps,
+        )
+        self.amp_dtype = autocast_dtype(config.training.precision, parallel.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.parallel.device.type, dtype=self.amp_dtype)
+
+    def forward_backward(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
+    ) -> torch.Tensor:
+        skip_sync = (
+            self.wrapped.no_sync()
+            if self.parallel.distributed and not sync_grads
+            else contextlib.nullcontext()
+        )
+        with skip_sync:
+            with self._autocast():
+                logits = self.wrapped(input_ids=input_ids, use_cache=False).logits
+            loss = loss_fn(logits.float())
+            loss.backward()
+        return loss.detach()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(input_ids=input_ids, use_cache=False).logits.float()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, folder: Path) -> None:
+        if self.parallel.is_main:
+            save_model(self.model, str(folder / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        missing, unexpected = load_model(
+            self.model, str(folder / "model.safetensors"), device=str(self.parallel.device)
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})"
+            )
+        state = torch.load(folder / "optimizer.pt", map_location=self.parallel.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def export(self, folder: Path) -> None:
+        if self.parallel.is_main:
+            self.model.save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,48 @@
+"""Load Hugging Face causal LMs and tokenizers from local folders (safetensors only, no hub)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; keeltune needs one to separate documents")
+    return tokenizer
+
+
+def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if dropout is not None:
+        for key in (
+            "attention_dropout",
+            "hidden_dropout",
+            "resid_pdrop",
+            "embd_pdrop",
+            "attn_pdrop",
+            "dropout",
+        ):
+            if hasattr(model_config, key):
+                setattr(model_config, key, dropout)
+    return AutoModelForCausalLM.from_pretrained(
+        path, config=model_config, dtype=dtype, local_files_only=True, use_safetensors=True
+    )
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on biases, norms and other vectors."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,132 @@
+"""Metrics to ``metrics.jsonl`` and W&B, from rank 0 only. The W&B key is never written anywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from keeltune.config import WandbConfig
+from keeltune.training.run_files import METRICS_FILE
+
+log = logging.getLogger("keeltune")
+
+WANDB_ID_FILE = "wandb_run_id"
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
+def _wandb_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST))
+    return url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+
+
+def wandb_key_available() -> bool:
+    """A key in the environment or in ``~/.netrc`` for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        entry = netrc.netrc().authenticators(_wandb_host()[0])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_host_answers(timeout_s: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(_wandb_host(), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` becomes online with a key and a reachable host, offline otherwise."""
+    if mode != "auto":
+        return mode
+    return "online" if wandb_key_available() and wandb_host_answers() else "offline"
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records a crashed attempt wrote after the checkpoint we resume from."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line).get("step", 0) <= after_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 (other ranks hold a logger that does nothing)."""
+
+    def __init__(
+        self, run_dir: Path, wandb_config: WandbConfig, *, enabled: bool, run_config: dict[str, Any]
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.wandb_run: Any = None
+        self._file = open(run_dir / METRICS_FILE, "a", buffering=1) if enabled else None  # noqa: SIM115
+        if enabled:
+            self._start_wandb(wandb_config, run_config)
+
+    def _start_wandb(self, wandb_config: WandbConfig, run_config: dict[str, Any]) -> None:
+        mode = resolve_wandb_mode(wandb_config.mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.wandb_run = wandb.init(
+            project=wandb_config.project,
+            entity=wandb_config.entity or None,
+            name=run_config["run"]["name"],
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(self.run_dir),
+            config=run_config,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
+        )
+        if mode == "offline":
+            log.info(
+                "W&B offline run in %s; upload it later with: wandb sync %s",
+                self.wandb_run.dir,
+                Path(self.wandb_run.dir).parent,
+            )
+        else:
+            log.info("W&B run: %s", self.wandb_run.url)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    @property
+    def wandb_location(self) -> str:
+        if self.wandb_run is None:
+            return "disabled"
+        if self.wandb_run.settings.mode == "offline":
+            return str(Path(self.wandb_run.dir).parent)
+        return self.wandb_run.url
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

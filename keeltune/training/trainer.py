@@ -1,0 +1,285 @@
+"""The one training loop. It talks to the model only through a backend and knows no scheduler."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keeltune.config import Config
+from keeltune.data_pipeline.prepare import prepare_jsonl, prepared_is_current, tokenizer_fingerprint
+from keeltune.data_pipeline.reader import PackedDataset, TrainStream
+from keeltune.eval.evaluate import EvalResult, evaluate, token_nll
+from keeltune.sharding import build_backend
+from keeltune.sharding.base import Backend
+from keeltune.sharding.model import load_tokenizer
+from keeltune.sharding.parallel import ParallelEnv
+from keeltune.training.checkpoint import load_checkpoint, save_checkpoint
+from keeltune.training.metrics import MetricsLogger, truncate_metrics
+from keeltune.training.progress import StepProgress
+from keeltune.training.run_files import BASELINE_FILE, FINAL_MODEL_DIR, latest_checkpoint
+from keeltune.training.schedule import lr_at
+
+log = logging.getLogger("keeltune")
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports (rank 0's view; every rank gets the same eval values)."""
+
+    run_dir: Path
+    steps: int
+    first_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    final_model: Path | None = None
+    wandb: str = "disabled"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_source(
+    name: str, path: str, fmt: str, config: Config, tokenizer: Any, parallel: ParallelEnv
+) -> Path:
+    """Rank 0 tokenizes and packs the file into the run folder once; returns the prepared folder."""
+    folder = config.run_dir / "data" / name
+    source = Path(path)
+    if parallel.is_main and not prepared_is_current(folder, source, tokenizer, config.data.seq_len, fmt):
+        log.info("preparing %s from %s", name, source)
+        index = prepare_jsonl(
+            source,
+            folder,
+            tokenizer=tokenizer,
+            seq_len=config.data.seq_len,
+            fmt=fmt,
+            text_field=config.data.text_field,
+        )
+        log.info("%s: %d documents -> %d samples", name, index["num_documents"], index["num_samples"])
+    parallel.barrier()
+    return folder
+
+
+def build_eval_sets(config: Config, tokenizer: Any, parallel: ParallelEnv) -> dict[str, PackedDataset]:
+    """Task validation under ``val``, each retention set under ``retention/<name>``."""
+    sets = {}
+    if config.data.validation:
+        v = config.data.validation
+        sets["val"] = PackedDataset(
+            [prepare_source(f"val-{v.name}", v.path, v.format, config, tokenizer, parallel)]
+        )
+    for r in config.data.retention:
+        folder = prepare_source(f"retention-{r.name}", r.path, r.format, config, tokenizer, parallel)
+        sets[f"retention/{r.name}"] = PackedDataset([folder])
+    return sets
+
+
+class Trainer:
+    """Builds the pieces from the config, then runs ``fit``."""
+
+    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+        self.config = config
+        self.parallel = parallel
+        self.run_dir = config.run_dir
+        self.accumulation = config.training.gradient_accumulation(parallel.world_size)
+        seed_everything(config.training.seed)
+        self.tokenizer = load_tokenizer(config.model.tokenizer_path)
+        self.train_data = PackedDataset(
+            [
+                prepare_source(f"train-{s.name}", s.path, s.format, config, self.tokenizer, parallel)
+                for s in config.data.train
+            ]
+        )
+        self.eval_sets = build_eval_sets(config, self.tokenizer, parallel)
+        self.stream = TrainStream(
+            self.train_data,
+            global_batch=config.training.global_batch_size,
+            rank=parallel.rank,
+            world_size=parallel.world_size,
+            seed=config.training.seed,
+        )
+        self.backend: Backend = build_backend(config, parallel)
+        self.step = 0
+        self.baseline: dict[str, float] = {}
+        self._resume()
+        self.metrics = MetricsLogger(
+            self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
+        )
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return
+        state = load_checkpoint(checkpoint, self.backend, self.parallel)
+        if state.get("tokenizer_fingerprint") != tokenizer_fingerprint(self.tokenizer):
+            raise ValueError(
+                f"{checkpoint}: written with another tokenizer than {self.config.model.tokenizer_path}"
+            )
+        self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
+        baseline_file = self.run_dir / BASELINE_FILE
+        if baseline_file.is_file():
+            self.baseline = json.loads(baseline_file.read_text())
+        if self.parallel.is_main:
+            truncate_metrics(self.run_dir, self.step)
+        log.info(
+            "resumed from %s (step %d, %d samples consumed)",
+            checkpoint,
+            self.step,
+            self.stream.consumed_samples,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def run_evals(self) -> dict[str, float]:
+        """Every held-out set; retention sets also report forgetting against the step-0 baseline."""
+        self.backend.train(False)
+        results: dict[str, float] = {}
+        for name, dataset in self.eval_sets.items():
+            result: EvalResult = evaluate(
+                self.backend.logits,
+                dataset,
+                rank=self.parallel.rank,
+                world_size=self.parallel.world_size,
+                all_reduce_sum=self.parallel.all_reduce_sum,
+                micro_batch_size=self.config.eval.micro_batch_size,
+                device=self.parallel.device,
+                max_samples=self.config.eval.max_samples,
+            )
+            results[f"{name}/loss"] = result.loss
+            results[f"{name}/ppl"] = result.ppl
+        self.backend.train(True)
+        if not self.baseline and self.step == 0:
+            self.baseline = dict(results)
+            if self.parallel.is_main:
+                (self.run_dir / BASELINE_FILE).write_text(json.dumps(self.baseline, indent=1))
+        for key, value in list(results.items()):
+            if key.startswith("retention/") and key.endswith("/ppl") and key in self.baseline:
+                results[key.replace("/ppl", "/forgetting_pct")] = 100.0 * (value / self.baseline[key] - 1.0)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+        log.info("eval at step %d: %s", self.step, summary)
+        return results
+
+    # ------------------------------------------------------------------ training
+
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over this rank's share of the global batch; returns (mean loss, tokens)."""
+        _, ids, mask = self.stream.next_batch()
+        ids_t = torch.from_numpy(ids).to(self.parallel.device)
+        mask_t = torch.from_numpy(mask[:, 1:].astype(np.float32)).to(self.parallel.device)
+        counts = torch.tensor([float(mask_t.sum())], dtype=torch.float64, device=self.parallel.device)
+        global_targets = float(self.parallel.all_reduce_sum(counts).item())
+        # DDP averages gradients over ranks, so each rank scales by world/targets: the result is the mean
+        # over every target token of the global batch, whatever the number of ranks or micro-batches.
+        scale = self.parallel.world_size / max(global_targets, 1.0)
+        micro = self.config.training.micro_batch_size
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
+        for index in range(self.accumulation):
+            rows = slice(index * micro, (index + 1) * micro)
+            targets, weights = ids_t[rows, 1:], mask_t[rows]
+
+            def loss_fn(
+                logits: torch.Tensor, targets: torch.Tensor = targets, weights: torch.Tensor = weights
+            ):
+                return token_nll(logits, targets, weights) * scale
+
+            loss = self.backend.forward_backward(
+                ids_t[rows, :-1], loss_fn, sync_grads=index == self.accumulation - 1
+            )
+            loss_sum += loss.double()
+        mean_loss = float(self.parallel.all_reduce_sum(loss_sum).item()) / self.parallel.world_size
+        return mean_loss, ids.shape[0] * (ids.shape[1] - 1) * self.parallel.world_size
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+        }
+
+    def _checkpoint(self) -> None:
+        path = save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.backend,
+            self._trainer_state(),
+            self.parallel,
+            self.config.training.checkpoint.keep_last,
+        )
+        log.info("checkpoint written: %s", path)
+
+    def fit(self) -> TrainSummary:
+        """Train to ``max_steps``, evaluating and checkpointing on the way; export the final model."""
+        cfg = self.config.training
+        summary = TrainSummary(run_dir=self.run_dir, steps=cfg.max_steps, wandb=self.metrics.wandb_location)
+        if self.eval_sets and self.config.eval.at_start and self.step == 0:
+            summary.first_eval = self.run_evals()
+            self.metrics.log(0, summary.first_eval)
+        elif self.baseline:
+            summary.first_eval = dict(self.baseline)
+        progress = StepProgress(total=cfg.max_steps, start=self.step, enabled=self.parallel.is_main)
+        tokens_done, train_time = 0, 0.0
+        self.backend.train(True)
+        try:
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                lr = lr_at(
+                    self.step,
+                    lr=cfg.lr,
+                    warmup_steps=cfg.warmup_steps,
+                    max_steps=cfg.max_steps,
+                    min_lr_ratio=cfg.min_lr_ratio,
+                )
+                loss, tokens = self._train_step()
+                grad_norm = self.backend.step(lr)
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                tokens_done += tokens
+                train_time += elapsed
+                progress.update(self.step, loss=loss, tokens_per_s=tokens / elapsed)
+                if self.step % self.config.logging.every_steps == 0 or self.step == cfg.max_steps:
+                    self.metrics.log(
+                        self.step,
+                        {
+                            "train/loss": loss,
+                            "train/lr": lr,
+                            "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": tokens / elapsed,
+                            "train/epoch": self.stream.epoch,
+                        },
+                    )
+                last = self.step == cfg.max_steps
+                if self.eval_sets and (self.step % self.config.eval.every_steps == 0 or last):
+                    summary.last_eval = self.run_evals()
+                    self.metrics.log(self.step, summary.last_eval)
+                if self.step % cfg.checkpoint.every_steps == 0 or last:
+                    self._checkpoint()
+        finally:
+            progress.close()
+        summary.tokens_per_s = tokens_done / train_time if train_time else 0.0
+        summary.final_model = self.export(self.run_dir / FINAL_MODEL_DIR)
+        return summary
+
+    def export(self, folder: Path) -> Path:
+        """The trained model as a Hugging Face folder, with the tokenizer."""
+        if self.parallel.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.parallel.barrier()
+        self.backend.export(folder)
+        if self.parallel.is_main:
+            self.tokenizer.save_pretrained(folder)
+        self.parallel.barrier()
+        return folder
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,175 @@
+"""The real CLI on a tiny model: a run folder, exact resume after SIGKILL, and crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+
+STEPS = 24
+
+
+def resume_config(assets: dict, root: Path, name: str) -> dict:
+    # dropout on, so the resumed RNG state matters; eval and checkpoints every 4 steps
+    return base_config(
+        assets,
+        root,
+        run={"name": name, "root": str(root)},
+        training={
+            "max_steps": STEPS,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "checkpoint": {"every_steps": 4, "keep_last": 2},
+        },
+        regularization={"dropout": 0.1, "weight_decay": 0.01},
+    )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("straight")
+    cfg = write_config(root / "cfg.yaml", resume_config(assets, root / "runs", "straight"))
+    done = keeltune("train", str(cfg))
+    assert done.returncode == 0, done.stderr
+    return root / "runs" / "straight"
+
+
+def test_run_folder_holds_config_checkpoints_metrics_and_a_loadable_model(uninterrupted: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (uninterrupted / "config.yaml").is_file()
+    steps = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert steps == ["step_0000020", "step_0000024"]  # keep_last: 2
+    losses = train_losses(uninterrupted)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(list(losses.values())[-4:]) / 4 < sum(list(losses.values())[:4]) / 4  # it learns
+    evals = [r for r in read_metrics(uninterrupted) if "val/loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12, 16, 20, 24]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"]
+    assert "retention/general/forgetting_pct" in evals[-1]
+    model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(uninterrupted / "final", local_files_only=True)
+    ids = torch.tensor([tokenizer.encode("What is the type of the value 3")])
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+def _start_training(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "keeltune.cli", "train", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(
+    assets: dict, tmp_path: Path, uninterrupted: Path
+) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", resume_config(assets, tmp_path / "runs", "killed"))
+    run_dir = tmp_path / "runs" / "killed"
+    process = _start_training(cfg)
+    _wait_for(run_dir / "checkpoints" / "step_0000008" / "trainer_state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = keeltune("train", str(cfg))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step_00000" in resumed.stderr
+    expected, got = train_losses(uninterrupted), train_losses(run_dir)
+    assert sorted(got) == list(
+        range(1, STEPS + 1)
+    )  # records of the killed attempt after the checkpoint were dropped
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    reference, weights = final_weights(uninterrupted), final_weights(run_dir)
+    assert reference.keys() == weights.keys()
+    for name in reference:
+        assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+import keeltune.training.checkpoint as checkpoint
+original = checkpoint.rng_state
+def dying_rng_state():
+    tmp = [p for p in checkpoint.checkpoint_root(checkpoint_run).glob(".tmp-step_*")]
+    if any(p.name.endswith("0012") for p in tmp):  # model and optimizer are written, the rest is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original()
+checkpoint.rng_state = dying_rng_state
+from pathlib import Path
+checkpoint_run = Path(sys.argv[2])
+from keeltune.cli import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    assets: dict, tmp_path: Path, uninterrupted: Path
+) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", resume_config(assets, tmp_path / "runs", "torn"))
+    run_dir = tmp_path / "runs" / "torn"
+    died = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHECKPOINT, str(cfg), str(run_dir)], capture_output=True, text=True
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    torn = run_dir / "checkpoints" / ".tmp-step_0000012"
+    assert (torn / "model.safetensors").is_file() and not (run_dir / "checkpoints" / "step_0000012").exists()
+    resumed = keeltune("train", str(cfg))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step_0000008" in resumed.stderr
+    assert not torn.exists()  # cleaned up by the next successful save
+    expected, got = train_losses(uninterrupted), train_losses(run_dir)
+    for step in range(9, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, step
+    reference, weights = final_weights(uninterrupted), final_weights(run_dir)
+    for name in reference:
+        assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
+
+
+def test_resume_with_a_changed_config_is_refused_with_the_difference(assets: dict, tmp_path: Path) -> None:
+    config = resume_config(assets, tmp_path / "runs", "changed")
+    config["training"]["max_steps"] = 4
+    config["training"]["warmup_steps"] = 1
+    cfg = write_config(tmp_path / "cfg.yaml", config)
+    assert keeltune("train", str(cfg)).returncode == 0
+    refused = keeltune("train", str(cfg), "--set", "training.lr=1e-2", "--set", "eval.every_steps=2")
+    assert refused.returncode == 2
+    assert "training.lr: 0.003 -> 0.01" in refused.stderr
+    assert "eval.every_steps" not in refused.stderr.split("differ")[1].split("A resume")[0]  # allowed change
+    assert "--set run.name=NEW_NAME" in refused.stderr
+    allowed = keeltune("train", str(cfg), "--set", "eval.every_steps=2")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_bad_data_line_is_reported_with_file_and_line(assets: dict, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
+    config = base_config(assets, tmp_path / "runs")
+    config["data"]["train"] = [{"name": "broken", "path": str(broken)}]
+    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
+    assert done.returncode == 2
+    assert f"{broken}:3: malformed JSON" in done.stderr
+    assert os.path.exists(tmp_path / "runs" / "test" / "config.yaml")

@@ -1,0 +1,76 @@
+"""W&B for real, offline: auto mode without a reachable host, one run id across a resume, no key anywhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import base_config, keeltune, write_config
+
+SENTINEL = "KEELTUNESENTINEL0123456789abcdef0123456789"  # 42 chars, shaped like a W&B key
+NETRC_SENTINEL = "NETRCSENTINEL9876543210fedcba9876543210fe"
+
+
+def test_auto_mode_goes_offline_resumes_the_same_run_and_never_writes_the_key(
+    assets: dict, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text(f"machine 127.0.0.1\n  login user\n  password {NETRC_SENTINEL}\n")
+    (home / ".netrc").chmod(0o600)
+    env = {**os.environ, "WANDB_API_KEY": SENTINEL, "HOME": str(home), "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    config = base_config(
+        assets,
+        tmp_path / "runs",
+        training={"max_steps": 40, "warmup_steps": 2, "checkpoint": {"every_steps": 4, "keep_last": 1}},
+        eval={"every_steps": 100, "micro_batch_size": 8},
+        logging={"wandb": {"mode": "auto", "project": "sentinel-test"}},
+    )
+    cfg = write_config(tmp_path / "cfg.yaml", config)
+    run_dir = tmp_path / "runs" / "test"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "keeltune.cli", "train", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "step_0000004" / "trainer_state.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first_output = first.communicate()[0]
+    second = keeltune("train", str(cfg), env=env)
+    assert second.returncode == 0, second.stderr
+    assert "upload it later with: wandb sync" in first_output + second.stderr
+
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert all(
+        p.name.endswith(f"-{run_id}") for p in offline_runs
+    )  # the resumed attempt logs to the same run
+    # the resumed attempt's records are in its file (the killed one lost what W&B had not flushed yet)
+    assert b"train/loss" in (offline_runs[-1] / f"run-{run_id}.wandb").read_bytes()
+
+    written = [p for p in list(tmp_path.rglob("*")) if p.is_file() and p.name != ".netrc"]
+    assert len(written) > 20
+    for path in written:
+        data = path.read_bytes()
+        assert SENTINEL.encode() not in data, path
+        assert NETRC_SENTINEL.encode() not in data, path
+    for output in (first_output, second.stdout, second.stderr):
+        assert SENTINEL not in output and NETRC_SENTINEL not in output
+
+
+def test_disabled_mode_writes_no_wandb_folder(assets: dict, tmp_path: Path) -> None:
+    config = base_config(assets, tmp_path / "runs", training={"max_steps": 2, "warmup_steps": 1})
+    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "runs" / "test" / "wandb").exists()
+    assert (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().count("train/loss") == 2
