@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keeltune.launcher.entry", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="run folder holding config.yaml")
     args = parser.parse_args(argv)
-    train_rank(args.run_dir.resolve())
+    from keeltune.config import ConfigError
+    from keeltune.data_pipeline.prepare import DataError
+
+    try:
+        train_rank(args.run_dir.resolve())
+    except (ConfigError, DataError) as err:
+        logging.getLogger("keeltune").error("error: %s", err)
+        return 2
     return 0
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from keeltune.config import Config
-from keeltune.sharding.model import decay_groups, load_causal_lm
+from keeltune.sharding.model import decay_groups, enable_activation_checkpointing, load_causal_lm
 from keeltune.sharding.parallel import ParallelEnv
 
 
@@ -34,7 +34,7 @@ class DDPBackend:
             parallel.device
         )
         if config.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.wrapped: torch.nn.Module = self.model
         if parallel.distributed:
             device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None

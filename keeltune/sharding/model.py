@@ -46,3 +46,12 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute layer activations in backward (non-reentrant), whatever this transformers version calls it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

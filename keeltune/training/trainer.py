@@ -115,6 +115,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
         )
+        self.progress = StepProgress(total=config.training.max_steps, start=self.step, enabled=parallel.is_main)
+        self._tokens_done, self._train_seconds = 0, 0.0
 
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
@@ -227,37 +229,10 @@ class Trainer:
             self.metrics.log(0, summary.first_eval)
         elif self.baseline:
             summary.first_eval = dict(self.baseline)
-        progress = StepProgress(total=cfg.max_steps, start=self.step, enabled=self.parallel.is_main)
-        tokens_done, train_time = 0, 0.0
         self.backend.train(True)
         try:
             while self.step < cfg.max_steps:
-                started = time.perf_counter()
-                lr = lr_at(
-                    self.step,
-                    lr=cfg.lr,
-                    warmup_steps=cfg.warmup_steps,
-                    max_steps=cfg.max_steps,
-                    min_lr_ratio=cfg.min_lr_ratio,
-                )
-                loss, tokens = self._train_step()
-                grad_norm = self.backend.step(lr)
-                self.step += 1
-                elapsed = time.perf_counter() - started
-                tokens_done += tokens
-                train_time += elapsed
-                progress.update(self.step, loss=loss, tokens_per_s=tokens / elapsed)
-                if self.step % self.config.logging.every_steps == 0 or self.step == cfg.max_steps:
-                    self.metrics.log(
-                        self.step,
-                        {
-                            "train/loss": loss,
-                            "train/lr": lr,
-                            "train/grad_norm": grad_norm,
-                            "train/tokens_per_s": tokens / elapsed,
-                            "train/epoch": self.stream.epoch,
-                        },
-                    )
+                self.train_one_step()
                 last = self.step == cfg.max_steps
                 if self.eval_sets and (self.step % self.config.eval.every_steps == 0 or last):
                     summary.last_eval = self.run_evals()
@@ -265,10 +240,40 @@ class Trainer:
                 if self.step % cfg.checkpoint.every_steps == 0 or last:
                     self._checkpoint()
         finally:
-            progress.close()
-        summary.tokens_per_s = tokens_done / train_time if train_time else 0.0
+            self.progress.close()
+        summary.tokens_per_s = self._tokens_done / self._train_seconds if self._train_seconds else 0.0
         summary.final_model = self.export(self.run_dir / FINAL_MODEL_DIR)
         return summary
+
+    def train_one_step(self) -> None:
+        """One optimizer step with its logging and progress (the body of ``fit``'s loop)."""
+        cfg = self.config.training
+        started = time.perf_counter()
+        lr = lr_at(
+            self.step,
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        loss, tokens = self._train_step()
+        grad_norm = self.backend.step(lr)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        self._tokens_done += tokens
+        self._train_seconds += elapsed
+        self.progress.update(self.step, loss=loss, tokens_per_s=tokens / elapsed)
+        if self.step % self.config.logging.every_steps == 0 or self.step == cfg.max_steps:
+            self.metrics.log(
+                self.step,
+                {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": tokens / elapsed,
+                    "train/epoch": self.stream.epoch,
+                },
+            )
 
     def export(self, folder: Path) -> Path:
         """The trained model as a Hugging Face folder, with the tokenizer."""
