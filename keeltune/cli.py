@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(config)
     config.add_argument("--nproc", type=int, default=1, help="check the batch sizes for this many ranks")
 
+    prepare = verbs.add_parser(
+        "prepare", help="tokenize, pack and shard the config's data sets (those not prepared or stale)"
+    )
+    _add_config_args(prepare)
+
     train = verbs.add_parser("train", help="train on this machine (resumes when the run has a checkpoint)")
     _add_config_args(train)
     train.add_argument(
@@ -54,6 +59,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from keeltune.config import check_paths, load_config
+    from keeltune.data_pipeline.prepare import prepare_sets
+    from keeltune.sharding.model import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    check_paths(config)
+    console = Console(stderr=True)
+    logger = logging.getLogger("keeltune")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RichHandler(console=console, show_path=False))
+    tokenizer = load_tokenizer(config.model.tokenizer_path)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        results = prepare_sets(config.data, config.run_dir, tokenizer, refresh=True, progress=progress)
+    for key, folder, outcome in results:
+        print(f"{key}: {outcome} ({folder})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from keeltune.config import check_paths, check_world_size, load_config
     from keeltune.launcher.local import run_local
@@ -75,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo}
+COMMANDS = {"config": cmd_config, "prepare": cmd_prepare, "train": cmd_train, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

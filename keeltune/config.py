@@ -8,12 +8,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import glob
+import math
 import os
 import re
 import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,32 +62,64 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class SourceConfig:
-    """One training data source: JSONL records of text or instructions."""
+class FieldNames:
+    """Record field names, for data that names them differently (``fields: {output: answer}``)."""
 
-    name: str
-    path: str
-    format: Literal["text", "instruction"] = "text"
+    text: str = "text"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    conversations: str = "conversations"
+    speaker: str = "from"
+    value: str = "value"
 
 
 @dataclass(kw_only=True)
-class EvalSetConfig:
-    """A held-out set evaluated periodically (retention sets are general-domain text)."""
+class SourceConfig:
+    """One data source: a file, a glob or a folder of JSONL, Parquet, plain text or a saved ``datasets`` folder.
+
+    ``weight`` sets its share of the training stream when several train sources are mixed (ratios: 80 and 20,
+    or 0.8 and 0.2); held-out sets ignore it.
+    """
 
     name: str
     path: str
-    format: Literal["text", "instruction"] = "text"
+    type: Literal["auto", "jsonl", "parquet", "text", "hf_disk"] = "auto"
+    format: Literal["text", "instruction", "chat", "sharegpt"] = "text"
+    fields: FieldNames = field(default_factory=FieldNames)
+    weight: float = 1.0
+    on_error: Literal["fail", "skip"] = "fail"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+            )
+        if not self.path:
+            raise ConfigError("path: required (a file, a glob such as data/*.jsonl, or a folder)")
+        if not 0 < self.weight < 1e6:
+            raise ConfigError(f"weight: must be > 0 (a mixing ratio), got {self.weight}")
+
+
+EvalSetConfig = SourceConfig  # held-out sets are read exactly like training sources
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """What to train and evaluate on; raw files are tokenized and packed once into the run folder."""
+    """What to train and evaluate on; sources are prepared once into shards (``keeltune prepare``)."""
 
     seq_len: int = 512
     train: list[SourceConfig] = field(default_factory=list)
-    validation: EvalSetConfig | None = None
-    retention: list[EvalSetConfig] = field(default_factory=list)
-    text_field: str = "text"
+    validation: SourceConfig | None = None
+    retention: list[SourceConfig] = field(default_factory=list)
+    prepared_dir: str = ""  # where shards go; default: <run folder>/data
+    shard_samples: int = 8192  # packed samples per shard file
+    long_documents: Literal["split", "truncate"] = "split"  # documents longer than seq_len + 1 tokens
+    prepare_workers: int = 0  # tokenizer processes for prepare; 0: one per core
+    verify_checksums: bool = True  # sha256 of every shard when training starts (rank 0)
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -93,11 +128,56 @@ class DataConfig:
             raise ConfigError(
                 "data.train: at least one source is required, e.g. [{name: task, path: train.jsonl}]"
             )
+        if self.shard_samples < 1:
+            raise ConfigError(f"data.shard_samples: must be >= 1, got {self.shard_samples}")
+        if self.prepare_workers < 0:
+            raise ConfigError(
+                f"data.prepare_workers: must be >= 0 (0 uses every core), got {self.prepare_workers}"
+            )
         for key, sets in (("data.train", self.train), ("data.retention", self.retention)):
             names = [s.name for s in sets]
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ConfigError(f"{key}: names must be unique within the list, {duplicates} used twice")
+        mixing_denominator(self.train)
+
+    def prepared_root(self, run_dir: Path) -> Path:
+        """The folder holding every prepared set of this config."""
+        return Path(self.prepared_dir) if self.prepared_dir else run_dir / "data"
+
+    def prepared_sets(self, run_dir: Path) -> list[tuple[str, SourceConfig, Path]]:
+        """(config key, source, prepared folder) for every train, validation and retention set."""
+        root = self.prepared_root(run_dir)
+        sets = [(f"data.train.{i}", s, root / f"train-{s.name}") for i, s in enumerate(self.train)]
+        if self.validation:
+            sets.append(("data.validation", self.validation, root / f"val-{self.validation.name}"))
+        sets += [
+            (f"data.retention.{i}", s, root / f"retention-{s.name}") for i, s in enumerate(self.retention)
+        ]
+        return sets
+
+
+MAX_MIXING_PERIOD = 100_000
+
+
+def mixing_counts(sources: list[SourceConfig]) -> list[int]:
+    """Integer shares per mixing period (weights 0.8 and 0.2 -> [4, 1]): exact ratios of the decimal weights."""
+    weights = [Fraction(repr(s.weight)) for s in sources]
+    denominator = math.lcm(*(w.denominator for w in weights))
+    counts = [int(w * denominator) for w in weights]
+    divisor = math.gcd(*counts)
+    return [c // divisor for c in counts]
+
+
+def mixing_denominator(sources: list[SourceConfig]) -> int:
+    """Positions per mixing period; refuses weights whose exact ratio needs an unreasonably long period."""
+    period = sum(mixing_counts(sources)) if sources else 1
+    if period > MAX_MIXING_PERIOD:
+        raise ConfigError(
+            f"data.train weights {[s.weight for s in sources]}: their exact ratio repeats only every {period} "
+            "samples; use rounder ratios such as 80 and 20 or 0.75 and 0.25"
+        )
+    return period
 
 
 @dataclass(kw_only=True)
@@ -445,6 +525,8 @@ def _build(cls: type, data: Any, prefix: str, source: _Source) -> Any:
     except ConfigError as err:
         message = str(err)
         failing_key = re.match(r"[\w.]*", message).group(0)
+        if prefix and failing_key in fields:  # a section names its own keys; give them their full path
+            message, failing_key = f"{prefix}.{message}", f"{prefix}.{failing_key}"
         raise ConfigError(f"{source.where(failing_key)}{message}") from None
 
 
@@ -488,8 +570,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not value or os.path.isabs(value):
             return value
         for candidate in (Path(value), base / value):
-            if candidate.exists():
-                return str(candidate.resolve())
+            if glob.glob(str(candidate)):
+                return str(candidate.absolute()) if glob.has_magic(value) else str(candidate.resolve())
         return value
 
     model = data.get("model")
@@ -547,9 +629,11 @@ def check_paths(config: Config) -> None:
     sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
     if config.data.validation:
         sets.append(("data.validation", config.data.validation.path))
-    for key, file in sets:
-        if not Path(file).is_file():
-            raise ConfigError(f"{key}.path: {file} does not exist (a JSONL file is expected)")
+    for key, pattern in sets:
+        if not glob.glob(pattern):
+            raise ConfigError(
+                f"{key}.path: {pattern} does not exist (a file, a glob matching files, or a folder is expected)"
+            )
     root = Path(config.run.root).absolute()
     existing = root
     while not existing.exists():

@@ -1,182 +1,416 @@
-"""Prepare once: read JSONL records, format, tokenize, pack into fixed-length samples, write an indexed folder.
+"""Prepare once: read sources, format, tokenize on every core, pack into fixed-length samples, write shards.
 
 Packing concatenates documents (each ending in EOS) and cuts the stream into samples of ``seq_len + 1``
 tokens that overlap by one token, so every token is a target exactly once. Attention may cross document
-boundaries inside a sample (as in most pretraining setups); the EOS token separates them.
+boundaries inside a sample (as in most pretraining setups, and what every attention kernel supports): EOS
+separates the documents and the model learns to ignore what precedes it.
+
+A prepared folder holds ``shard-NNNNN.bin`` files (token ids ``[n, seq_len + 1]`` followed by the loss mask of
+the same shape, uint8) and ``index.json`` (format version, tokenizer fingerprint, counts, and per shard its
+sample count, byte size and sha256). The folder is built under a temporary name, each shard written to a
+temporary file, fsynced and renamed, the index last, then the folder is renamed into place: a crash or a full
+disk leaves nothing that looks complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
+import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from keeltune.config import DataConfig, FieldNames, SourceConfig
+from keeltune.data_pipeline.formats import Document, encode_record
+from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
+
+FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+REJECTS_FILE = "rejects.jsonl"
+CHUNK_RECORDS = 256
 
-
-class DataError(ValueError):
-    """Bad input data, with the file and line."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """Token ids of one record and which of them count in the loss."""
-
-    ids: list[int]
-    loss_mask: list[int]
+log = logging.getLogger("keeltune")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the tokenizer's vocabulary, merges and special tokens."""
+    """A hash of the tokenizer's vocabulary, merges, special tokens and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     payload = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    specials = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    specials = json.dumps(
+        [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template]
+    )
     return hashlib.sha256((payload + specials).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.bin"
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record); malformed lines raise with file:line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start})") from None
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+def recipe(source: SourceConfig, seq_len: int, long_documents: str) -> dict[str, Any]:
+    """Everything the prepared samples depend on besides the tokenizer: settings and the input files' stats."""
+    files = [
+        {"path": str(path), "type": kind, **_file_stat(path)}
+        for path, kind in resolve_files(source.path, source.type)
+    ]
+    settings = {k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "weight")}
+    return {**settings, "seq_len": seq_len, "long_documents": long_documents, "files": files}
 
 
-def _field(record: dict[str, Any], name: str, where: str, required: bool = True) -> str:
-    value = record.get(name)
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)})")
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
+def _file_stat(path: Path) -> dict[str, int]:
+    if path.is_dir():  # a datasets folder: its Arrow files
+        stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+        return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def encode_record(
-    record: dict[str, Any], fmt: Literal["text", "instruction"], tokenizer: Any, where: str, text_field: str
-) -> Document:
-    """Tokenize one record; instruction prompts are masked out of the loss."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id]
-    if fmt == "text":
-        ids = bos + tokenizer.encode(_field(record, text_field, where), add_special_tokens=False) + eos
-        return Document(ids, [1] * len(ids))
-    instruction = _field(record, "instruction", where)
-    extra = _field(record, "input", where, required=False)
-    output = _field(record, "output", where)
-    template = PROMPT_TEMPLATE_WITH_INPUT if extra else PROMPT_TEMPLATE
-    prompt = bos + tokenizer.encode(
-        template.format(instruction=instruction, input=extra), add_special_tokens=False
-    )
-    answer = tokenizer.encode(output, add_special_tokens=False) + eos
-    return Document(prompt + answer, [0] * len(prompt) + [1] * len(answer))
+# --------------------------------------------------------------------------- tokenizing (in worker processes)
+
+_WORKER: dict[str, Any] = {}
 
 
-def pack(documents: list[Document], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate documents and cut into samples of seq_len + 1 tokens overlapping by one."""
-    ids = np.fromiter((t for d in documents for t in d.ids), dtype=np.int64)
-    mask = np.fromiter((m for d in documents for m in d.loss_mask), dtype=np.uint8)
-    count = max(1, -(-(len(ids) - 1) // seq_len))
-    width = seq_len + 1
-    total = count * seq_len + 1
-    ids = np.concatenate([ids, np.full(total - len(ids), pad_id, dtype=np.int64)])
-    mask = np.concatenate([mask, np.zeros(total - len(mask), dtype=np.uint8)])
-    starts = np.arange(count) * seq_len
-    index = starts[:, None] + np.arange(width)[None, :]
-    return ids[index], mask[index]
+def _init_worker(tokenizer: Any, fmt: str, fields: FieldNames) -> None:
+    _WORKER.update(tokenizer=tokenizer, fmt=fmt, fields=fields)
 
 
-def prepare_jsonl(
-    source: Path,
+def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[str, Document | None, str]]:
+    """(location, document or None, error message) per record."""
+    out = []
+    for location, payload in chunk:
+        try:
+            record = decode_payload(location, payload, _WORKER["fields"].text)
+            document = encode_record(
+                record, _WORKER["fmt"], _WORKER["fields"], _WORKER["tokenizer"], location
+            )
+            out.append((location, document, ""))
+        except DataError as err:
+            out.append((location, None, str(err)))
+    return out
+
+
+def _chunks(records: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Any]]]:
+    chunk: list[tuple[str, Any]] = []
+    for item in records:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded(
+    records: Iterable[tuple[str, Any]], tokenizer: Any, source: SourceConfig, workers: int
+) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[str, Document | None, str]]]]:
+    """(chunk, results) in input order, tokenized by ``workers`` processes (inline for one)."""
+    initargs = (tokenizer, source.format, source.fields)
+    if workers == 1:
+        _init_worker(*initargs)
+        for chunk in _chunks(records, CHUNK_RECORDS):
+            yield chunk, _encode_chunk(chunk)
+        return
+    # forkserver: safe to start from a process that already runs threads (a torch process group); a bounded
+    # window of chunks in flight keeps memory flat however large the source is
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        window: deque[tuple[list[tuple[str, Any]], Any]] = deque()
+        for chunk in _chunks(records, CHUNK_RECORDS):
+            window.append((chunk, pool.apply_async(_encode_chunk, (chunk,))))
+            if len(window) >= 4 * workers:
+                done, result = window.popleft()
+                yield done, result.get()
+        while window:
+            done, result = window.popleft()
+            yield done, result.get()
+
+
+# --------------------------------------------------------------------------- packing and shard writing
+
+
+class ShardWriter:
+    """Packs documents into samples of ``seq_len + 1`` tokens and writes a shard every ``shard_samples``."""
+
+    def __init__(
+        self, folder: Path, *, seq_len: int, shard_samples: int, dtype: np.dtype, pad_id: int
+    ) -> None:
+        self.folder, self.seq_len, self.shard_samples = folder, seq_len, shard_samples
+        self.dtype, self.pad_id = dtype, pad_id
+        self.ids: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.pending = 0
+        self.shards: list[dict[str, Any]] = []
+        self.target_tokens = 0
+        self.writing = INDEX_FILE  # what is being written, for the message when the disk fills up
+
+    def add(self, document: Document) -> None:
+        self.ids.append(np.asarray(document.ids, dtype=self.dtype))
+        self.masks.append(np.asarray(document.loss_mask, dtype=np.uint8))
+        self.pending += len(document.ids)
+        while self.pending >= self.shard_samples * self.seq_len + 1:
+            self._cut(self.shard_samples)
+
+    def finish(self) -> None:
+        if self.pending > 1:  # one token left is only the overlap of the last sample
+            self._cut(-(-(self.pending - 1) // self.seq_len))
+
+    def _cut(self, count: int) -> None:
+        ids, mask = np.concatenate(self.ids), np.concatenate(self.masks)
+        length = count * self.seq_len + 1
+        if len(ids) < length:  # the last shard: pad the tail, which is never a target
+            ids = np.concatenate([ids, np.full(length - len(ids), self.pad_id, dtype=self.dtype)])
+            mask = np.concatenate([mask, np.zeros(length - len(mask), dtype=np.uint8)])
+        width = self.seq_len + 1
+        tokens = np.lib.stride_tricks.sliding_window_view(ids[:length], width)[:: self.seq_len]
+        losses = np.lib.stride_tricks.sliding_window_view(mask[:length], width)[:: self.seq_len]
+        self._write(np.ascontiguousarray(tokens), np.ascontiguousarray(losses))
+        self.writing = INDEX_FILE
+        self.ids, self.masks = [ids[length - 1 :]], [mask[length - 1 :]]
+        self.pending = len(self.ids[0])
+
+    def _write(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+        name = self.writing = shard_name(len(self.shards))
+        final, tmp = self.folder / name, self.folder / f".{name}.tmp"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as handle:
+                for array in (tokens, mask):
+                    data = memoryview(array).cast("B")
+                    digest.update(data)
+                    handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.target_tokens += int(mask[:, 1:].sum())
+        self.shards.append(
+            {"file": name, "samples": int(tokens.shape[0]), "bytes": tokens.nbytes + mask.nbytes,
+             "sha256": digest.hexdigest()}
+        )  # fmt: skip
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def prepare_source(
+    source: SourceConfig,
     out_dir: Path,
     *,
     tokenizer: Any,
     seq_len: int,
-    fmt: Literal["text", "instruction"] = "text",
-    text_field: str = "text",
+    long_documents: str = "split",
+    shard_samples: int = 8192,
+    workers: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize and pack ``source`` into ``out_dir`` (written atomically); return the index."""
-    documents = [
-        encode_record(record, fmt, tokenizer, f"{source}:{number}", text_field)
-        for number, record in read_jsonl(source)
-    ]
-    if not documents:
-        raise DataError(
-            f"{source}: no records (the file is empty); give a JSONL file with one object per line"
-        )
-    targets = sum(sum(d.loss_mask) for d in documents)
-    if targets == 0:
-        raise DataError(f"{source}: no tokens to learn from (every token is masked)")
+    """Tokenize and pack ``source`` into shards in ``out_dir`` (replaced atomically); return the index.
+
+    ``on_progress(records, tokens)`` is called as chunks complete. Bad records fail with file:line, or with
+    ``on_error: skip`` are counted and written to ``rejects.jsonl`` in the folder.
+    """
+    started = time.perf_counter()
+    source_recipe = recipe(source, seq_len, long_documents)
+    files = [(Path(f["path"]), f["type"]) for f in source_recipe["files"]]
+    workers = workers or os.cpu_count() or 1
+    dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = pack(documents, seq_len, pad_id)
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
-    index = {
-        "format_version": FORMAT_VERSION,
-        "source": str(source),
-        "source_sha256": file_sha256(source),
-        "format": fmt,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "seq_len": seq_len,
-        "num_documents": len(documents),
-        "num_samples": int(ids.shape[0]),
-        "num_target_tokens": int(mask[:, 1:].sum()),
-        "dtype": np.dtype(dtype).name,
-    }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    writer = ShardWriter(tmp, seq_len=seq_len, shard_samples=shard_samples, dtype=dtype, pad_id=pad_id)
     try:
-        np.save(tmp / "tokens.npy", ids.astype(dtype))
-        np.save(tmp / "loss_mask.npy", mask)
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        counts = {"records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0}
+        with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as rejects:
+            for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
+                for (location, payload), (_, document, error) in zip(chunk, results, strict=True):
+                    counts["records"] += 1
+                    if document is None:
+                        if source.on_error == "fail":
+                            raise DataError(f"{error} (or set on_error: skip on source {source.name!r})")
+                        counts["rejected"] += 1
+                        rejects.write(
+                            json.dumps({"where": location, "error": error, "raw": _raw(payload)}) + "\n"
+                        )
+                        continue
+                    if long_documents == "truncate" and len(document.ids) > seq_len + 1:
+                        counts["truncated"] += 1
+                        document = Document(document.ids[: seq_len + 1], document.loss_mask[: seq_len + 1])
+                    counts["documents"] += 1
+                    counts["tokens"] += len(document.ids)
+                    writer.add(document)
+                if on_progress:
+                    on_progress(counts["records"], counts["tokens"])
+            writer.finish()
+        if counts["rejected"]:
+            log.warning(
+                "%s: skipped %d bad record(s) of %d; they are listed in %s",
+                source.name, counts["rejected"], counts["records"], out_dir / REJECTS_FILE,
+            )  # fmt: skip
+        else:
+            (tmp / REJECTS_FILE).unlink()
+        if writer.target_tokens == 0:
+            raise DataError(
+                f"data source {source.name!r} ({source.path}): no usable samples ({counts['records']} records, "
+                f"{counts['rejected']} rejected, no unmasked tokens); fix the data before training"
+            )
+        index = {
+            "format_version": FORMAT_VERSION,
+            "name": source.name,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "recipe": source_recipe,
+            "dtype": dtype.name,
+            "num_records": counts["records"],
+            "num_documents": counts["documents"],
+            "num_rejected": counts["rejected"],
+            "num_truncated": counts["truncated"],
+            "num_samples": sum(s["samples"] for s in writer.shards),
+            "num_target_tokens": writer.target_tokens,
+            "num_tokens": counts["tokens"],
+            "shards": writer.shards,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        _write_atomically(tmp / INDEX_FILE, json.dumps(index, indent=1))
+        _fsync_dir(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(
+                f"{out_dir}: disk full while writing {writer.writing} ({err.strerror}); nothing was kept. Free "
+                "space or point data.prepared_dir at a larger filesystem, then run keeltune prepare again"
+            ) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index
 
 
-def prepared_is_current(out_dir: Path, source: Path, tokenizer: Any, seq_len: int, fmt: str) -> bool:
-    """True when ``out_dir`` holds this source prepared with this tokenizer and length."""
+def _raw(payload: Any) -> str:
+    if isinstance(payload, bytes):
+        return payload.decode("utf-8", errors="backslashreplace").rstrip("\n")
+    return repr(payload)[:2000]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- is it prepared, and current?
+
+
+def read_index(folder: Path) -> dict[str, Any] | None:
+    """The folder's index, None when the folder was never prepared."""
     try:
-        index = json.loads((out_dir / INDEX_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return (
-        index.get("format_version") == FORMAT_VERSION
-        and index.get("seq_len") == seq_len
-        and index.get("format") == fmt
-        and index.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)
-        and index.get("source_sha256") == file_sha256(source)
+        return json.loads((folder / INDEX_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        raise DataError(f"{folder / INDEX_FILE}: corrupted index; run keeltune prepare again") from None
+
+
+def check_index(folder: Path, index: dict[str, Any], fingerprint: str | None) -> None:
+    """Refuse unknown format versions and shards made with another tokenizer, saying what to do."""
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{folder}: prepared with format version {index.get('format_version')}, this keeltune reads "
+            f"version {FORMAT_VERSION}; run keeltune prepare again (it replaces the folder)"
+        )
+    if fingerprint is not None and index.get("tokenizer_fingerprint") != fingerprint:
+        raise DataError(
+            f"{folder}: prepared with another tokenizer ({index.get('tokenizer') or 'unknown'}, fingerprint "
+            f"{index.get('tokenizer_fingerprint')}) than the model's (fingerprint {fingerprint}); run "
+            "keeltune prepare again with this config's model"
+        )
+
+
+def staleness(
+    folder: Path, source: SourceConfig, tokenizer: Any, seq_len: int, long_documents: str
+) -> str | None:
+    """What differs between the prepared ``folder`` and the source now (None: current); the folder must exist.
+
+    Another tokenizer or format version raises DataError."""
+    index = read_index(folder)
+    if index is None:
+        return "not prepared"
+    check_index(folder, index, tokenizer_fingerprint(tokenizer))
+    now = recipe(source, seq_len, long_documents)
+    changed = [
+        key for key in sorted(set(now) | set(index["recipe"])) if now.get(key) != index["recipe"].get(key)
+    ]
+    return f"changed since it was prepared: {', '.join(changed)}" if changed else None
+
+
+def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataConfig, progress: Any) -> dict:
+    task = progress.add_task(source.name, total=None) if progress else None
+
+    def show(records: int, tokens: int) -> None:
+        if progress:
+            progress.update(task, description=f"{source.name}: {records:,} records, {tokens:,} tokens")
+
+    index = prepare_source(
+        source,
+        folder,
+        tokenizer=tokenizer,
+        seq_len=data.seq_len,
+        long_documents=data.long_documents,
+        shard_samples=data.shard_samples,
+        workers=data.prepare_workers,
+        on_progress=show,
     )
+    log.info(
+        "%s: %d records -> %d samples, %d target tokens in %d shard(s), %.1f s (%s)",
+        source.name, index["num_records"], index["num_samples"], index["num_target_tokens"],
+        len(index["shards"]), index["seconds"], folder,
+    )  # fmt: skip
+    return index
+
+
+def prepare_sets(
+    data: DataConfig, run_dir: Path, tokenizer: Any, *, refresh: bool, progress: Any = None
+) -> list[tuple[str, Path, str]]:
+    """Prepare every set of the config that is not prepared yet; ``refresh`` also re-prepares stale ones
+    (``keeltune prepare``), otherwise a stale set is refused with what to do (``keeltune train``).
+
+    ``progress``: a rich Progress to show records and tokens on. Returns (key, folder, what happened)."""
+    done = []
+    for key, source, folder in data.prepared_sets(run_dir):
+        try:
+            problem = staleness(folder, source, tokenizer, data.seq_len, data.long_documents)
+        except DataError as err:  # another tokenizer or format version: only an explicit prepare replaces it
+            if not refresh:
+                raise
+            problem = str(err)
+        if problem is None:
+            done.append((key, folder, "current"))
+            continue
+        if problem != "not prepared" and not refresh:
+            raise DataError(
+                f"{key} ({source.name}): the shards in {folder} are stale ({problem}); run keeltune prepare "
+                "CONFIG to prepare them again"
+            )
+        _prepare_one(source, folder, tokenizer, data, progress)
+        done.append((key, folder, "prepared"))
+    return done

@@ -1,111 +1,282 @@
-"""Read prepared samples: memory-mapped, deterministically shuffled, partitioned by rank, resumable in O(1).
+"""Stream prepared shards: memory-mapped, globally shuffled in O(1) memory, mixed, partitioned, resumable in O(1).
 
-The training order is one global stream of sample ids (epoch by epoch, each epoch a permutation seeded by
-``(seed, epoch)``). Optimizer step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` for global batch ``G``;
-rank ``r`` of ``W`` takes the ``r``-th contiguous ``G/W`` of them. So the whole state is one integer
-(samples consumed), and a run resumed on another number of ranks continues with the same samples.
+The training order is one global stream of positions. A mixing schedule gives each position a source and that
+source's running count ``c``; the sample is ``perm(c mod N)`` of the source's pass ``c // N``, where ``perm`` is a
+Feistel-network bijection of ``[0, N)`` keyed by (seed, source, pass). So within each pass of each source every
+sample comes exactly once, nothing is stored per sample, and position ``p``'s sample is computed directly.
+
+Optimizer step ``s`` consumes positions ``[s*G, (s+1)*G)`` for global batch ``G``; rank ``r`` of ``W`` takes the
+``r``-th contiguous ``G/W``, and DataLoader worker ``k`` of ``K`` every ``K``-th micro-batch of that. The state
+is one integer (samples consumed), so a resume is O(1) and may use another number of ranks.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from keeltune.data_pipeline.prepare import FORMAT_VERSION, INDEX_FILE, DataError
+from keeltune.data_pipeline.prepare import check_index, read_index
+from keeltune.data_pipeline.sources import DataError
+
+FEISTEL_ROUNDS = 4
 
 
 class PackedDataset:
-    """One or more prepared folders, read through memory maps; sample ``i`` is (ids, loss_mask)."""
+    """One prepared folder; sample ``i`` is (ids, loss_mask), read lazily through memory maps of its shards."""
 
-    def __init__(self, folders: list[Path]) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
-        self.indexes: list[dict[str, Any]] = []
-        for folder in folders:
-            index = json.loads((folder / INDEX_FILE).read_text())
-            if index.get("format_version") != FORMAT_VERSION:
+    def __init__(
+        self, folder: Path, *, fingerprint: str | None = None, verify_checksums: bool = False
+    ) -> None:
+        self.folder = Path(folder)
+        index = read_index(self.folder)
+        if index is None:
+            raise DataError(f"{self.folder}: not prepared (no index.json); run keeltune prepare CONFIG")
+        check_index(self.folder, index, fingerprint)
+        self.index = index
+        self.name: str = index["name"]
+        self.width = index["recipe"]["seq_len"] + 1
+        self.dtype = np.dtype(index["dtype"])
+        for shard in index["shards"]:
+            path = self.folder / shard["file"]
+            size = path.stat().st_size if path.is_file() else -1
+            if size != shard["bytes"]:
+                state = "missing" if size < 0 else f"{size} bytes instead of {shard['bytes']} (truncated?)"
+                raise DataError(f"{path}: shard {state}; run keeltune prepare again")
+            if verify_checksums and _sha256(path) != shard["sha256"]:
                 raise DataError(
-                    f"{folder}: prepared with format version {index.get('format_version')}, this keeltune "
-                    f"reads {FORMAT_VERSION}; delete the folder to prepare it again"
+                    f"{path}: checksum mismatch (the shard is corrupted); run keeltune prepare again"
                 )
-            ids = np.load(folder / "tokens.npy", mmap_mode="r")
-            mask = np.load(folder / "loss_mask.npy", mmap_mode="r")
-            if ids.shape != mask.shape or ids.shape[0] != index["num_samples"]:
-                raise DataError(f"{folder}: token and mask arrays do not match the index; prepare it again")
-            self.parts.append((ids, mask))
-            self.indexes.append(index)
-        self.offsets = np.cumsum([0] + [p[0].shape[0] for p in self.parts])
-        widths = {p[0].shape[1] for p in self.parts}
-        if len(widths) != 1:
-            raise DataError(f"prepared folders {folders} have different sequence lengths {sorted(widths)}")
+        self.offsets = np.cumsum([0] + [s["samples"] for s in index["shards"]])
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        if number not in self._maps:
+            shard = self.index["shards"][number]
+            data = np.memmap(self.folder / shard["file"], dtype=np.uint8, mode="r")
+            rows = shard["samples"]
+            split = rows * self.width * self.dtype.itemsize
+            tokens = data[:split].view(self.dtype).reshape(rows, self.width)
+            self._maps[number] = (tokens, data[split:].reshape(rows, self.width))
+        return self._maps[number]
+
     def get(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stack the given samples: (ids int64 [n, seq_len+1], mask uint8 [n, seq_len+1])."""
-        ids, masks = [], []
-        for sample in sample_ids:
-            part = int(np.searchsorted(self.offsets, sample, side="right") - 1)
-            local = int(sample - self.offsets[part])
-            ids.append(self.parts[part][0][local])
-            masks.append(self.parts[part][1][local])
-        return np.stack(ids).astype(np.int64), np.stack(masks)
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        shards = np.searchsorted(self.offsets, sample_ids, side="right") - 1
+        ids = np.empty((len(sample_ids), self.width), dtype=np.int64)
+        mask = np.empty((len(sample_ids), self.width), dtype=np.uint8)
+        for number in np.unique(shards):
+            rows = np.flatnonzero(shards == number)
+            tokens, losses = self._shard(int(number))
+            local = sample_ids[rows] - self.offsets[number]
+            ids[rows], mask[rows] = tokens[local], losses[local]
+        return ids, mask
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a cheap, well-mixing hash of uint64 values (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class FeistelPermutation:
+    """A pseudo-random bijection of ``[0, n)`` in O(1) memory: a balanced Feistel network over the smallest
+    even-bit domain ``>= n`` with cycle walking (values that land outside ``[0, n)`` are encrypted again).
+
+    Chosen over a block shuffle because every sample can land anywhere (a truly global shuffle) while nothing
+    grows with ``n``; at most 4x domain overhead keeps the expected walk under 4 encryptions.
+    """
+
+    def __init__(self, n: int, *key: int | str) -> None:
+        if n < 1:
+            raise ValueError("a permutation needs at least one element")
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half) - 1)
+        digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8 * FEISTEL_ROUNDS).digest()
+        self.keys = [
+            np.uint64(int.from_bytes(digest[8 * i : 8 * i + 8], "little")) for i in range(FEISTEL_ROUNDS)
+        ]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        values = self._encrypt(np.asarray(positions, dtype=np.uint64))
+        outside = values >= self.n
+        while outside.any():
+            values[outside] = self._encrypt(values[outside])
+            outside = values >= self.n
+        return values.astype(np.int64)
+
+
+class MixingSchedule:
+    """Assigns stream positions to sources: integer shares per period, interleaved by smooth weighted
+    round-robin. Exact: after every period each source has exactly its share; in between, within one sample.
+    """
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.period = int(self.counts.sum())
+        table = np.empty(self.period, dtype=np.int64)
+        current = np.zeros(len(counts), dtype=np.int64)
+        for position in range(self.period):
+            current += self.counts
+            table[position] = int(np.argmax(current))
+            current[table[position]] -= self.period
+        self.table = table
+        self.before = np.zeros((self.period + 1, len(counts)), dtype=np.int64)  # counts before each offset
+        np.add.at(self.before[1:], (np.arange(self.period), table), 1)
+        self.before = np.cumsum(self.before, axis=0)
+
+    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, how many earlier positions that source had) for each position."""
+        cycles, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.period)
+        sources = self.table[offsets]
+        return sources, cycles * self.counts[sources] + self.before[offsets, sources]
+
+    def consumed(self, position: int) -> np.ndarray:
+        """Samples each source contributed to positions ``[0, position)``."""
+        cycles, offset = divmod(position, self.period)
+        return cycles * self.counts + self.before[offset]
 
 
 class TrainStream:
-    """This rank's samples, step by step, in the global deterministic order."""
+    """This rank's samples, step by step, in the global deterministic order over the mixed sources."""
 
     def __init__(
-        self, dataset: PackedDataset, *, global_batch: int, rank: int, world_size: int, seed: int
+        self,
+        sources: list[PackedDataset],
+        *,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        mixing: list[int] | None = None,
     ) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
-        self.dataset = dataset
-        self.global_batch = global_batch
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.sources = sources
+        self.schedule = MixingSchedule(mixing or [1] * len(sources))
+        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
+        self.sizes = [len(s) for s in sources]
+        self.offsets = np.cumsum([0] + self.sizes)  # global sample id = offset of its source + local id
         self.consumed_samples = 0
-        self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._permutations: dict[tuple[int, int], FeistelPermutation] = {}
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-            self._epoch = epoch
-        return self._order
+    def _permutation(self, source: int, epoch: int) -> FeistelPermutation:
+        key = (source, epoch)
+        if key not in self._permutations:
+            if len(self._permutations) > 64:
+                self._permutations.clear()
+            self._permutations[key] = FeistelPermutation(
+                self.sizes[source], self.seed, self.sources[source].name, epoch
+            )
+        return self._permutations[key]
 
     def positions(self, start: int, count: int) -> np.ndarray:
-        """Sample ids at stream positions [start, start + count)."""
-        n = len(self.dataset)
+        """Global sample ids at stream positions ``[start, start + count)``."""
+        sources, counts = self.schedule.assign(np.arange(start, start + count))
         out = np.empty(count, dtype=np.int64)
-        for i, position in enumerate(range(start, start + count)):
-            out[i] = self._permutation(position // n)[position % n]
+        for source in np.unique(sources):
+            rows = np.flatnonzero(sources == source)
+            epochs, within = np.divmod(counts[rows], self.sizes[source])
+            for epoch in np.unique(epochs):
+                pick = rows[epochs == epoch]
+                out[pick] = self.offsets[source] + self._permutation(int(source), int(epoch))(
+                    within[epochs == epoch]
+                )
         return out
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This rank's share of the next global batch: (sample ids, token ids, loss mask)."""
+    def read(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and loss masks of global sample ids, in order."""
+        sources = np.searchsorted(self.offsets, sample_ids, side="right") - 1
+        ids = np.empty((len(sample_ids), self.sources[0].width), dtype=np.int64)
+        mask = np.empty_like(ids, dtype=np.uint8)
+        for source in np.unique(sources):
+            rows = np.flatnonzero(sources == source)
+            ids[rows], mask[rows] = self.sources[source].get(sample_ids[rows] - self.offsets[source])
+        return ids, mask
+
+    def _share(self) -> np.ndarray:
         share = self.global_batch // self.world_size
-        sample_ids = self.positions(self.consumed_samples + self.rank * share, share)
+        return self.positions(self.consumed_samples + self.rank * share, share)
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's share of the next global batch: (global sample ids, token ids, loss mask)."""
+        sample_ids = self._share()
         self.consumed_samples += self.global_batch
-        ids, mask = self.dataset.get(sample_ids)
-        return sample_ids, ids, mask
+        return (sample_ids, *self.read(sample_ids))
+
+    def worker_batches(
+        self, worker: int, num_workers: int, micro_batch: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Micro-batches for DataLoader worker ``worker`` of ``num_workers``, from the current position on: each
+        takes every ``num_workers``-th micro-batch of this rank's share, so the workers' outputs, taken in turn
+        (as a DataLoader does), are exactly ``next_batch``'s order. Does not advance this stream's state."""
+        consumed = self.consumed_samples
+        index = 0
+        while True:
+            share = self.positions(consumed + self.rank * (self.global_batch // self.world_size),
+                                   self.global_batch // self.world_size)  # fmt: skip
+            for start in range(0, len(share), micro_batch):
+                if index % num_workers == worker:
+                    sample_ids = share[start : start + micro_batch]
+                    yield (sample_ids, *self.read(sample_ids))
+                index += 1
+            consumed += self.global_batch
 
     @property
-    def epoch(self) -> int:
-        return self.consumed_samples // len(self.dataset)
+    def epoch(self) -> float:
+        """Passes over the data so far, weighted by the sources' shares of the stream."""
+        done = self.schedule.consumed(self.consumed_samples)
+        return float(sum(d / n for d, n in zip(done, self.sizes, strict=True)) / len(self.sizes))
 
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+    def fractions(self) -> dict[str, float]:
+        """The realised share of each source in the samples consumed so far."""
+        done = self.schedule.consumed(self.consumed_samples)
+        total = max(int(done.sum()), 1)
+        return {source.name: int(d) / total for source, d in zip(self.sources, done, strict=True)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "consumed_samples": self.consumed_samples,
+            "seed": self.seed,
+            "sources": {s.name: n for s, n in zip(self.sources, self.sizes, strict=True)},
+            "mixing": self.schedule.counts.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(
                 f"data order seed changed ({state['seed']} -> {self.seed}); cannot resume exactly"
             )
+        for key in ("sources", "mixing"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise ValueError(
+                    f"the training data changed since the checkpoint ({key}: {state[key]} -> "
+                    f"{self.state_dict()[key]}); resuming would not continue at the next sample. Restore the "
+                    "data or start a new run"
+                )
         self.consumed_samples = int(state["consumed_samples"])
 
 

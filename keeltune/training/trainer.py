@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from keeltune.config import Config
-from keeltune.data_pipeline.prepare import prepare_jsonl, prepared_is_current, tokenizer_fingerprint
+from keeltune.config import Config, mixing_counts
+from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.eval.evaluate import EvalResult, evaluate, token_nll
 from keeltune.sharding import build_backend
@@ -49,39 +49,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_source(
-    name: str, path: str, fmt: str, config: Config, tokenizer: Any, parallel: ParallelEnv
-) -> Path:
-    """Rank 0 tokenizes and packs the file into the run folder once; returns the prepared folder."""
-    folder = config.run_dir / "data" / name
-    source = Path(path)
-    if parallel.is_main and not prepared_is_current(folder, source, tokenizer, config.data.seq_len, fmt):
-        log.info("preparing %s from %s", name, source)
-        index = prepare_jsonl(
-            source,
-            folder,
-            tokenizer=tokenizer,
-            seq_len=config.data.seq_len,
-            fmt=fmt,
-            text_field=config.data.text_field,
-        )
-        log.info("%s: %d documents -> %d samples", name, index["num_documents"], index["num_samples"])
+def build_datasets(
+    config: Config, tokenizer: Any, parallel: ParallelEnv
+) -> tuple[list[PackedDataset], dict[str, PackedDataset]]:
+    """Rank 0 prepares sets not prepared yet (and refuses stale ones) and checks shard checksums; every rank
+    then opens the shards. Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
+    data = config.data
+    if parallel.is_main:
+        prepare_sets(data, config.run_dir, tokenizer, refresh=False)
     parallel.barrier()
-    return folder
-
-
-def build_eval_sets(config: Config, tokenizer: Any, parallel: ParallelEnv) -> dict[str, PackedDataset]:
-    """Task validation under ``val``, each retention set under ``retention/<name>``."""
-    sets = {}
-    if config.data.validation:
-        v = config.data.validation
-        sets["val"] = PackedDataset(
-            [prepare_source(f"val-{v.name}", v.path, v.format, config, tokenizer, parallel)]
-        )
-    for r in config.data.retention:
-        folder = prepare_source(f"retention-{r.name}", r.path, r.format, config, tokenizer, parallel)
-        sets[f"retention/{r.name}"] = PackedDataset([folder])
-    return sets
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    verify = data.verify_checksums and parallel.is_main
+    opened = {
+        key: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
+        for key, _, folder in data.prepared_sets(config.run_dir)
+    }
+    parallel.barrier()
+    train = [opened[f"data.train.{i}"] for i in range(len(data.train))]
+    held_out = {"val": opened["data.validation"]} if data.validation else {}
+    held_out.update(
+        {f"retention/{r.name}": opened[f"data.retention.{i}"] for i, r in enumerate(data.retention)}
+    )
+    return train, held_out
 
 
 class Trainer:
@@ -94,19 +83,14 @@ class Trainer:
         self.accumulation = config.training.gradient_accumulation(parallel.world_size)
         seed_everything(config.training.seed)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
-        self.train_data = PackedDataset(
-            [
-                prepare_source(f"train-{s.name}", s.path, s.format, config, self.tokenizer, parallel)
-                for s in config.data.train
-            ]
-        )
-        self.eval_sets = build_eval_sets(config, self.tokenizer, parallel)
+        self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
         self.stream = TrainStream(
-            self.train_data,
+            self.train_sources,
             global_batch=config.training.global_batch_size,
             rank=parallel.rank,
             world_size=parallel.world_size,
             seed=config.training.seed,
+            mixing=mixing_counts(config.data.train),
         )
         self.backend: Backend = build_backend(config, parallel)
         self.step = 0
@@ -115,7 +99,9 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
         )
-        self.progress = StepProgress(total=config.training.max_steps, start=self.step, enabled=parallel.is_main)
+        self.progress = StepProgress(
+            total=config.training.max_steps, start=self.step, enabled=parallel.is_main
+        )
         self._tokens_done, self._train_seconds = 0, 0.0
 
     def _resume(self) -> None:
@@ -272,6 +258,7 @@ class Trainer:
                     "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens / elapsed,
                     "train/epoch": self.stream.epoch,
+                    **{f"data/{name}/fraction": f for name, f in self.stream.fractions().items()},
                 },
             )
 

@@ -1,133 +1,209 @@
-"""Packing, prompt masking, the deterministic rank-partitioned stream, and the learning-rate schedule."""
+"""Packing, prompt masking, bad input, prepared shards and their checks, and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from keeltune.data_pipeline.prepare import (
-    DataError,
-    Document,
-    encode_record,
-    pack,
-    prepare_jsonl,
-    prepared_is_current,
-)
-from keeltune.data_pipeline.reader import PackedDataset, TrainStream, eval_shard
+from keeltune.config import SourceConfig, config_from_dict
+from keeltune.data_pipeline import prepare as prepare_module
+from keeltune.data_pipeline.formats import encode_record
+from keeltune.data_pipeline.prepare import DataError, prepare_sets, prepare_source, tokenizer_fingerprint
+from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.sharding.model import load_tokenizer
 from keeltune.training.schedule import lr_at
+from tests.conftest import base_config
 
 
-def test_pack_makes_every_token_a_target_exactly_once() -> None:
-    docs = [Document(list(range(1, 8)), [1] * 7), Document(list(range(10, 15)), [0, 0, 1, 1, 1])]
-    ids, mask = pack(docs, seq_len=4, pad_id=0)
-    assert ids.shape == (3, 5)
-    stream = list(range(1, 8)) + list(range(10, 15))
-    targets = np.concatenate([row[1:] for row in ids])
-    assert targets[: len(stream) - 1].tolist() == stream[1:]  # samples overlap by exactly one token
-    assert mask[:, 1:].sum() == 7 - 1 + 3  # the first token is never a target; prompt tokens are masked
-    assert ids[-1, -1] == 0 and mask[-1, -1] == 0  # the padded tail does not count
+@pytest.fixture(scope="module")
+def tokenizer(assets: dict):
+    return load_tokenizer(str(assets["model"]))
 
 
-def test_instruction_prompt_is_masked_and_answer_is_learned(assets: dict) -> None:
-    tokenizer = load_tokenizer(str(assets["model"]))
-    doc = encode_record(
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-        "instruction",
-        tokenizer,
-        "x:1",
-        "text",
+def _prepare(tokenizer, path: Path, out: Path, seq_len: int = 16, **source) -> dict:
+    options = {k: source.pop(k) for k in ("long_documents", "shard_samples", "workers") if k in source}
+    return prepare_source(
+        SourceConfig(name="src", path=str(path), **source),
+        out,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        **{"workers": 1, **options},
     )
+
+
+def _all_samples(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    dataset = PackedDataset(folder)
+    return dataset.get(np.arange(len(dataset)))
+
+
+def test_packing_makes_every_token_a_target_exactly_once_across_shards(tokenizer, tmp_path: Path) -> None:
+    texts = [f"document number {i} " * (i % 7 + 1) for i in range(40)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    index = _prepare(tokenizer, source, tmp_path / "out", seq_len=16, shard_samples=5)
+    assert len(index["shards"]) > 2 and all(s["samples"] == 5 for s in index["shards"][:-1])
+    ids, mask = _all_samples(tmp_path / "out")
+    stream = [t for text in texts for t in [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]]  # fmt: skip
+    targets = np.concatenate([row[1:] for row in ids])
+    assert (
+        targets[: len(stream) - 1].tolist() == stream[1:]
+    )  # samples overlap by one token, across shards too
+    assert int(mask[:, 1:].sum()) == len(stream) - 1 == index["num_target_tokens"]
+    assert (mask[-1, 1:][len(stream) - 1 - 16 * (len(ids) - 1) :] == 0).all()  # the padded tail never counts
+
+
+def test_instruction_prompt_is_masked_and_answer_is_learned(tokenizer) -> None:
+    record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    doc = encode_record(record, "instruction", SourceConfig(name="x", path="x").fields, tokenizer, "x:1")
     answer = tokenizer.encode("5", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert sum(doc.loss_mask) == len(answer)
     assert doc.ids[-len(answer) :] == answer and doc.loss_mask[-len(answer) :] == [1] * len(answer)
     assert "### Input:\n2 and 3" in tokenizer.decode(doc.ids)
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ('{"text": "ok"}\n{"text": \n', "bad.jsonl:2: malformed JSON"),
-        ('{"text": "ok"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object, got list"),
-        ('{"txt": "ok"}\n', "bad.jsonl:1: missing field 'text' (fields present: ['txt'])"),
-        ('{"text": 5}\n', "bad.jsonl:1: field 'text' must be a string, got int"),
-        (b'{"text": "caf\xe9"}\n', "bad.jsonl:1: not UTF-8"),
-        ("\n\n", "bad.jsonl: no records (the file is empty)"),
-    ],
-)
-def test_bad_records_name_file_and_line(assets: dict, tmp_path: Path, content, message: str) -> None:
+BAD_INPUTS = [
+    ('{"text": "ok"}\n{"text": \n', "bad.jsonl:2: malformed JSON"),
+    ('{"text": "ok"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object, got list"),
+    ('{"txt": "ok"}\n', "bad.jsonl:1: missing field 'text' (fields present: ['txt'])"),
+    ('{"text": 5}\n', "bad.jsonl:1: field 'text' must be a string, got int"),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8"),
+    ("\n\n", "bad.jsonl: empty file (no records)"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_INPUTS)
+def test_bad_records_fail_naming_file_and_line(tokenizer, tmp_path: Path, content, message: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    tokenizer = load_tokenizer(str(assets["model"]))
     with pytest.raises(DataError) as err:
-        prepare_jsonl(path, tmp_path / "out", tokenizer=tokenizer, seq_len=16)
-    assert message in str(err.value)
+        _prepare(tokenizer, path, tmp_path / "out")
+    assert message in str(err.value) and "on_error: skip" in str(err.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [path]  # no temporary left either
+
+
+def test_skip_mode_counts_and_writes_rejected_lines(tokenizer, tmp_path: Path, caplog) -> None:
+    good = tmp_path / "a.jsonl"
+    good.write_bytes(b'{"text": "fine"}\n{"text": oops}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "b.jsonl").write_text("")  # an empty file in the same glob
+    index = _prepare(tokenizer, tmp_path / "*.jsonl", tmp_path / "out", on_error="skip")
+    assert index["num_records"] == 5 and index["num_documents"] == 2 and index["num_rejected"] == 3
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == [f"{good}:2", f"{good}:4", str(tmp_path / "b.jsonl")]
+    assert rejects[0]["raw"] == '{"text": oops}' and "malformed JSON" in rejects[0]["error"]
+    assert "skipped 3 bad record(s) of 5" in caplog.text
+
+
+def test_zero_usable_samples_is_an_error_before_training(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text('{"txt": 1}\n{"txt": 2}\n')
+    with pytest.raises(DataError, match=r"'src' .*no usable samples \(2 records, 2 rejected"):
+        _prepare(tokenizer, path, tmp_path / "out", on_error="skip")
     assert not (tmp_path / "out").exists()
 
 
-def test_prepared_folder_records_tokenizer_and_source(assets: dict, tmp_path: Path) -> None:
-    tokenizer = load_tokenizer(str(assets["model"]))
-    out = tmp_path / "prepared"
-    index = prepare_jsonl(assets["task"], out, tokenizer=tokenizer, seq_len=32, fmt="instruction")
-    assert index["num_documents"] == 120 and index["num_samples"] == len(PackedDataset([out]))
-    assert prepared_is_current(out, assets["task"], tokenizer, 32, "instruction")
-    assert not prepared_is_current(out, assets["task"], tokenizer, 64, "instruction")
-    stale = json.loads((out / "index.json").read_text())
-    stale["format_version"] = 99
-    (out / "index.json").write_text(json.dumps(stale))
-    with pytest.raises(DataError, match="format version 99"):
-        PackedDataset([out])
+def test_long_documents_are_split_or_truncated(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    long_text = " ".join(f"word{i}" for i in range(200))
+    path.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "short one"}) + "\n")
+    doc_len = len(tokenizer.encode(long_text, add_special_tokens=False)) + 2
+    split = _prepare(tokenizer, path, tmp_path / "split", long_documents="split")
+    truncated = _prepare(tokenizer, path, tmp_path / "truncated", long_documents="truncate")
+    short = len(tokenizer.encode("short one", add_special_tokens=False)) + 2
+    assert split["num_tokens"] == doc_len + short and split["num_truncated"] == 0
+    assert truncated["num_tokens"] == 17 + short and truncated["num_truncated"] == 1
+    ids, _ = _all_samples(tmp_path / "truncated")
+    assert ids[1, 1] == tokenizer.bos_token_id  # the short document follows the first 17 tokens of the long
 
 
-def _dataset(tmp_path: Path, count: int) -> PackedDataset:
-    folder = tmp_path / f"ds{count}"
-    folder.mkdir()
-    ids = np.repeat(np.arange(count, dtype=np.uint16)[:, None], 5, axis=1)
-    np.save(folder / "tokens.npy", ids)
-    np.save(folder / "loss_mask.npy", np.ones_like(ids, dtype=np.uint8))
-    (folder / "index.json").write_text(json.dumps({"format_version": 1, "num_samples": count}))
-    return PackedDataset([folder])
+def test_disk_full_while_writing_leaves_nothing_that_looks_complete(
+    tokenizer, tmp_path: Path, monkeypatch
+) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i} " * 20}) + "\n" for i in range(30)))
+    written = {"bytes": 0}
+
+    class FillingFile:
+        """A file on a disk with 600 bytes free."""
+
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+        def write(self, data) -> int:
+            written["bytes"] += len(data)
+            if written["bytes"] > 600:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(prepare_module, "open", lambda *a, **k: FillingFile(open(*a, **k)), raising=False)  # noqa: SIM115
+    with pytest.raises(DataError, match=rf"{tmp_path / 'out'}: disk full while writing shard-0000\d.bin"):
+        _prepare(tokenizer, path, tmp_path / "out", shard_samples=2)
+    assert written["bytes"] > 600  # some shards were complete before the disk filled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no folder, shard or index remains
 
 
-def _epoch_of(dataset: PackedDataset, world: int, steps: int, seed: int = 3, start: int = 0) -> list[int]:
-    streams = [
-        TrainStream(dataset, global_batch=12, rank=r, world_size=world, seed=seed) for r in range(world)
-    ]
-    seen = []
-    for stream in streams:
-        stream.load_state_dict({"consumed_samples": start, "seed": seed})
-    for _ in range(steps):
-        for stream in streams:
-            ids, tokens, _ = stream.next_batch()
-            assert (tokens[:, 0] == ids).all()
-            seen.extend(ids.tolist())
-    return seen
+def _prepared(tokenizer, assets: dict, tmp_path: Path) -> Path:
+    config = config_from_dict(base_config(assets, tmp_path / "runs"))
+    prepare_sets(config.data, config.run_dir, tokenizer, refresh=False)
+    return config.run_dir / "data" / "train-task"
 
 
-def test_stream_partitions_ranks_and_resumes_on_another_world_size(tmp_path: Path) -> None:
-    dataset = _dataset(tmp_path, 48)
-    one_rank = _epoch_of(dataset, 1, 4)
-    assert sorted(one_rank) == list(range(48))  # one epoch: every sample exactly once
-    assert one_rank != list(range(48))  # shuffled
-    assert _epoch_of(dataset, 1, 4) == one_rank  # deterministic
-    two_ranks = _epoch_of(dataset, 2, 4)
-    assert sorted(two_ranks) == list(range(48)) and two_ranks == one_rank  # same global order
-    # resume after 2 steps (24 samples) on 3 ranks: the rest of the epoch, nothing repeated or skipped
-    first_half = _epoch_of(dataset, 2, 2)
-    rest = _epoch_of(dataset, 3, 2, start=24)
-    assert sorted(first_half + rest) == list(range(48))
-    assert _epoch_of(dataset, 1, 4, seed=4) != one_rank
+def test_reader_refuses_truncated_corrupted_foreign_and_unknown_shards(
+    tokenizer, assets: dict, tmp_path
+) -> None:
+    folder = _prepared(tokenizer, assets, tmp_path)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    assert len(PackedDataset(folder, fingerprint=fingerprint, verify_checksums=True)) > 0
+    shard = folder / "shard-00000.bin"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-10])
+    with pytest.raises(
+        DataError, match=r"shard-00000.bin: shard .* bytes instead of .*truncated.*prepare again"
+    ):
+        PackedDataset(folder)
+    shard.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    assert len(PackedDataset(folder)) > 0  # the size is right; only the checksum finds it
+    with pytest.raises(DataError, match="checksum mismatch .*corrupted.*run keeltune prepare again"):
+        PackedDataset(folder, verify_checksums=True)
+    shard.write_bytes(original)
+    with pytest.raises(DataError, match="prepared with another tokenizer .*run keeltune prepare again"):
+        PackedDataset(folder, fingerprint="0123456789abcdef")
+    index = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**index, "format_version": 99}))
+    with pytest.raises(
+        DataError, match="format version 99, this keeltune reads version 2; run keeltune prepare"
+    ):
+        PackedDataset(folder)
 
 
-def test_eval_shards_cover_every_sample_once(tmp_path: Path) -> None:
-    dataset = _dataset(tmp_path, 10)
-    for world in (1, 2, 3, 4):
-        parts = [eval_shard(dataset, r, world, None).tolist() for r in range(world)]
-        assert sorted(sum(parts, [])) == list(range(10))
-    assert sorted(sum((eval_shard(dataset, r, 3, 7).tolist() for r in range(3)), [])) == list(range(7))
+def test_train_refuses_stale_shards_and_prepare_replaces_them(
+    tokenizer, assets: dict, tmp_path: Path
+) -> None:
+    config = config_from_dict(base_config(assets, tmp_path / "runs"))
+    first = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False)
+    assert [outcome for _, _, outcome in first] == ["prepared"] * 3
+    assert [o for _, _, o in prepare_sets(config.data, config.run_dir, tokenizer, refresh=False)] == [
+        "current"
+    ] * 3
+    longer = config_from_dict(base_config(assets, tmp_path / "runs", data={**base_config(assets, tmp_path)["data"], "seq_len": 32}))  # fmt: skip
+    with pytest.raises(DataError, match=r"data.train.0 \(task\): the shards in .*train-task are stale \(changed "
+                       r"since it was prepared: seq_len\); run keeltune prepare CONFIG"):  # fmt: skip
+        prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=False)
+    again = prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=True)
+    assert [o for _, _, o in again] == ["prepared"] * 3
+    assert PackedDataset(config.run_dir / "data" / "train-task").width == 33
 
 
 def test_warmup_then_cosine() -> None:
