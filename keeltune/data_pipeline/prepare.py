@@ -93,7 +93,8 @@ def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[str, Document | No
             document = encode_record(
                 record, _WORKER["fmt"], _WORKER["fields"], _WORKER["tokenizer"], location
             )
-            out.append((location, document, ""))
+            arrays = Document(np.asarray(document.ids, np.int32), np.asarray(document.loss_mask, np.uint8))
+            out.append((location, arrays, ""))  # arrays travel between processes far faster than lists
         except DataError as err:
             out.append((location, None, str(err)))
     return out
@@ -120,9 +121,10 @@ def _encoded(
         for chunk in _chunks(records, CHUNK_RECORDS):
             yield chunk, _encode_chunk(chunk)
         return
-    # forkserver: safe to start from a process that already runs threads (a torch process group); a bounded
-    # window of chunks in flight keeps memory flat however large the source is
-    context = multiprocessing.get_context("forkserver")
+    # fork: workers inherit the tokenizer and need no importable __main__ (the tokenizer is used one text at a
+    # time, so its own thread pool is not running when we fork); a bounded window of chunks in flight keeps
+    # memory flat however large the source is
+    context = multiprocessing.get_context("fork")
     with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         window: deque[tuple[list[tuple[str, Any]], Any]] = deque()
         for chunk in _chunks(records, CHUNK_RECORDS):
