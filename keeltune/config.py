@@ -104,9 +104,6 @@ class SourceConfig:
             raise ConfigError(f"weight: must be > 0 (a mixing ratio), got {self.weight}")
 
 
-EvalSetConfig = SourceConfig  # held-out sets are read exactly like training sources
-
-
 @dataclass(kw_only=True)
 class DataConfig:
     """What to train and evaluate on; sources are prepared once into shards (``keeltune prepare``)."""

@@ -6,6 +6,7 @@ assistant turns (and the EOS that ends them) are learned; system, user and promp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,10 @@ ROLES.update({"bot": "assistant", "model": "assistant", "chatgpt": "assistant"})
 
 @dataclass(frozen=True)
 class Document:
-    """Token ids of one record and which of them count in the loss."""
+    """Token ids of one record and which of them count in the loss (lists, or arrays between processes)."""
 
-    ids: list[int]
-    loss_mask: list[int]
+    ids: Sequence[int]
+    loss_mask: Sequence[int]
 
 
 def _string(record: dict[str, Any], name: str, where: str, required: bool = True) -> str:

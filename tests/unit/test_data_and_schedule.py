@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 from pathlib import Path
@@ -201,6 +202,12 @@ def test_train_refuses_stale_shards_and_prepare_replaces_them(
     with pytest.raises(DataError, match=r"data.train.0 \(task\): the shards in .*train-task are stale \(changed "
                        r"since it was prepared: seq_len\); run keeltune prepare CONFIG"):  # fmt: skip
         prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=False)
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{{ messages }}"  # another template is another tokenizer
+    with pytest.raises(
+        DataError, match=r"train-task: prepared with another tokenizer .*run keeltune prepare again"
+    ):
+        prepare_sets(config.data, config.run_dir, other, refresh=False)
     again = prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=True)
     assert [o for _, _, o in again] == ["prepared"] * 3
     assert PackedDataset(config.run_dir / "data" / "train-task").width == 33
