@@ -7,7 +7,7 @@
    (sparse synthetic shard files, one fresh process each);
 4. prepare throughput: tokens/s of ``prepare_source`` (all cores) vs one ``tokenizers`` ``encode_batch`` call.
 
-    python bench/data_pipeline.py [--samples 20000]
+    python bench/data_pipeline.py [--samples 20000] [--seq 512 2048]
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def write_synthetic(
     return folder
 
 
-def bench_reader(work: Path, samples: int) -> None:
-    folder = write_synthetic(work / "reader", samples, SEQ, 4096)
+def bench_reader(work: Path, samples: int, seq_len: int) -> None:
+    work = work / f"reader-{seq_len}"
+    folder = write_synthetic(work, samples, seq_len, 4096)
     dataset = PackedDataset(folder)
     tokens = dataset.get(np.arange(samples))[0]
     rows = [{"input_ids": row.tolist()} for row in tokens[: samples // 4]]
@@ -97,7 +98,7 @@ def bench_reader(work: Path, samples: int) -> None:
         return done, time.perf_counter() - started
 
     ours = _best(keeltune_reader)
-    print(f"reader: keeltune {ours:,.0f} tokens/s ({samples} samples of {SEQ + 1}, shuffled)")
+    print(f"reader: keeltune {ours:,.0f} tokens/s ({samples} samples of {seq_len + 1} tokens, shuffled)")
     for kind, path in (("json", work / "ids.jsonl"), ("parquet", work / "ids.parquet")):
         theirs = _best(lambda kind=kind, path=path: hf_streaming(kind, path))
         print(f"  datasets streaming {kind}: {theirs:,.0f} tokens/s -> ratio {ours / theirs:.1f}x")
@@ -179,11 +180,13 @@ def bench_prepare(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20_000, help="reader benchmark samples")
+    parser.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="reader sequence lengths")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_reader(work, args.samples)
+        for seq_len in args.seq:
+            bench_reader(work, args.samples, seq_len)
         bench_resume(work)
         bench_memory(work)
         bench_prepare(work)
