@@ -67,6 +67,9 @@ def _bos(tokenizer: Any) -> list[int]:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the same ids, with less per-call overhead
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
     return tokenizer.encode(text, add_special_tokens=False)
 
 
