@@ -347,7 +347,17 @@ class Config:
 
 
 # Keys a resumed run may change; everything else must match the checkpointed config.
-RESUME_MUTABLE = ("run.root", "logging", "eval", "slurm", "training.checkpoint")
+RESUME_MUTABLE = (
+    "run.root",
+    "logging",
+    "eval",
+    "slurm",
+    "training.checkpoint",
+    "data.prepared_dir",  # the samples are checked by the reader state, wherever they are prepared
+    "data.shard_samples",
+    "data.prepare_workers",
+    "data.verify_checksums",
+)
 
 
 def _nearest_multiple(value: int, base: int) -> int:

@@ -214,3 +214,16 @@ def test_globs_resolve_from_the_config_folder_and_are_checked_at_train_time(
         ConfigError, match=r"data.train.0.path: .*data/\*.parquet does not exist \(a file, a glob"
     ):
         check_paths(load_config(write_config(tmp_path / "cfg.yaml", config)))
+
+
+def test_where_data_is_prepared_may_change_on_resume_but_not_the_mixing(assets: dict, tmp_path: Path) -> None:
+    from keeltune.config import resume_differences
+
+    saved = config_from_dict(base_config(assets, tmp_path)).to_dict()
+    moved = base_config(assets, tmp_path)
+    moved["data"].update(prepared_dir=str(tmp_path / "elsewhere"), shard_samples=64, verify_checksums=False)
+    assert resume_differences(saved, config_from_dict(moved).to_dict()) == []
+    moved["data"]["train"][0]["weight"] = 2.0
+    assert resume_differences(saved, config_from_dict(moved).to_dict()) == [
+        "  data.train.0.weight: 1.0 -> 2.0"
+    ]
