@@ -73,24 +73,37 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _render(
+    tokenizer: Any, messages: list[dict[str, str]], where: str, generation_prompt: bool = False
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as err:  # templates raise their own errors, e.g. for a role they do not support
+        raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({err})") from None
+
+
 def _chat_with_template(messages: list[dict[str, str]], tokenizer: Any, where: str) -> Document:
     """Render with the tokenizer's template; assistant spans are found by rendering growing prefixes."""
-    spans = []
+    spans, prefixes = [], []
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        end = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
-        spans.append((len(start), len(end)))
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if any(end > len(text) for _, end in spans):
+        if message["role"] == "assistant":
+            prefixes += [
+                _render(tokenizer, messages[:k], where, True),
+                _render(tokenizer, messages[: k + 1], where),
+            ]
+            spans.append((len(prefixes[-2]), len(prefixes[-1])))
+    text = _render(tokenizer, messages, where)
+    if not all(text.startswith(prefix) for prefix in prefixes):
         raise DataError(
-            f"{where}: the tokenizer's chat template does not render conversations prefix by prefix"
+            f"{where}: the tokenizer's chat template renders earlier turns differently once later ones follow, "
+            "so the assistant's tokens cannot be located; use a template without that behaviour"
         )
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     mask = [int(any(a <= begin < b for a, b in spans)) for begin, _ in encoded["offset_mapping"]]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    if not ids or ids[-1] != tokenizer.eos_token_id:
         ids.append(tokenizer.eos_token_id)  # documents are separated by EOS in the packed stream
         mask.append(0)
     return Document(ids, mask)

@@ -84,19 +84,21 @@ def _init_worker(tokenizer: Any, fmt: str, fields: FieldNames) -> None:
     _WORKER.update(tokenizer=tokenizer, fmt=fmt, fields=fields)
 
 
-def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[str, Document | None, str]]:
-    """(location, document or None, error message) per record."""
-    out = []
+def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[Document | None, str]]:
+    """(document or None, error message) per (location, payload)."""
+    out: list[tuple[Document | None, str]] = []
     for location, payload in chunk:
         try:
             record = decode_payload(location, payload, _WORKER["fields"].text)
             document = encode_record(
                 record, _WORKER["fmt"], _WORKER["fields"], _WORKER["tokenizer"], location
             )
-            arrays = Document(np.asarray(document.ids, np.int32), np.asarray(document.loss_mask, np.uint8))
-            out.append((location, arrays, ""))  # arrays travel between processes far faster than lists
+            # arrays travel between processes far faster than lists
+            out.append(
+                (Document(np.asarray(document.ids, np.int32), np.asarray(document.loss_mask, np.uint8)), "")
+            )
         except DataError as err:
-            out.append((location, None, str(err)))
+            out.append((None, str(err)))
     return out
 
 
@@ -113,7 +115,7 @@ def _chunks(records: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tupl
 
 def _encoded(
     records: Iterable[tuple[str, Any]], tokenizer: Any, source: SourceConfig, workers: int
-) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[str, Document | None, str]]]]:
+) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[Document | None, str]]]]:
     """(chunk, results) in input order, tokenized by ``workers`` processes (inline for one)."""
     initargs = (tokenizer, source.format, source.fields)
     if workers == 1:
@@ -240,7 +242,7 @@ def prepare_source(
         counts = {"records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0}
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as rejects:
             for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
-                for (location, payload), (_, document, error) in zip(chunk, results, strict=True):
+                for (location, payload), (document, error) in zip(chunk, results, strict=True):
                     counts["records"] += 1
                     if document is None:
                         if source.on_error == "fail":

@@ -134,6 +134,25 @@ def test_tokenizer_chat_template_is_used_and_masks_prompts(templated) -> None:
     assert "Name" not in _learned_text(templated, instruction.ids, instruction.loss_mask)
 
 
+def test_chat_templates_that_refuse_or_rewrite_turns_are_reported(templated) -> None:
+    refusing = copy.deepcopy(templated)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    )
+    with pytest.raises(
+        DataError, match=r"x:1: the tokenizer's chat template refused this conversation \(no system"
+    ):
+        encode_record({"messages": CHAT}, "chat", FieldNames(), refusing, "x:1")
+    rewriting = copy.deepcopy(templated)
+    rewriting.chat_template = TEMPLATE.replace(
+        "{{ m['content'] }}", "{{ m['content'] if loop.last else '...' }}"
+    )
+    with pytest.raises(
+        DataError, match="x:1: the tokenizer's chat template renders earlier turns differently"
+    ):
+        encode_record({"messages": CHAT}, "chat", FieldNames(), rewriting, "x:1")
+
+
 def test_sharegpt_with_renamed_fields_matches_chat(tokenizer) -> None:
     renamed = [{"speaker": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "text": m["content"]} for m in CHAT]  # fmt: skip
     fields = FieldNames(conversations="dialog", speaker="speaker", value="text")
