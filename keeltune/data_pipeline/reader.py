@@ -228,13 +228,14 @@ class TrainStream:
             ids[rows], mask[rows] = self.sources[source].get(sample_ids[rows] - self.offsets[source])
         return ids, mask
 
-    def _share(self) -> np.ndarray:
+    def rank_share(self, consumed: int) -> np.ndarray:
+        """Sample ids of this rank's share of the global batch that starts at stream position ``consumed``."""
         share = self.global_batch // self.world_size
-        return self.positions(self.consumed_samples + self.rank * share, share)
+        return self.positions(consumed + self.rank * share, share)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This rank's share of the next global batch: (global sample ids, token ids, loss mask)."""
-        sample_ids = self._share()
+        sample_ids = self.rank_share(self.consumed_samples)
         self.consumed_samples += self.global_batch
         return (sample_ids, *self.read(sample_ids))
 
@@ -244,11 +245,9 @@ class TrainStream:
         """Micro-batches for DataLoader worker ``worker`` of ``num_workers``, from the current position on: each
         takes every ``num_workers``-th micro-batch of this rank's share, so the workers' outputs, taken in turn
         (as a DataLoader does), are exactly ``next_batch``'s order. Does not advance this stream's state."""
-        consumed = self.consumed_samples
-        index = 0
+        consumed, index = self.consumed_samples, 0
         while True:
-            share = self.positions(consumed + self.rank * (self.global_batch // self.world_size),
-                                   self.global_batch // self.world_size)  # fmt: skip
+            share = self.rank_share(consumed)
             for start in range(0, len(share), micro_batch):
                 if index % num_workers == worker:
                     sample_ids = share[start : start + micro_batch]

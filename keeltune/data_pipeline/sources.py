@@ -35,20 +35,13 @@ def is_hf_disk(path: Path) -> bool:
 
 
 def resolve_files(pattern: str, source_type: str) -> list[tuple[Path, str]]:
-    """The files (or ``datasets`` folders) a source path names, sorted, each with its reader type."""
+    """The files (or ``datasets`` folders) a source path names, sorted, each with its reader type.
+
+    Folders are searched recursively, skipping hidden names; a ``datasets`` folder inside is read whole."""
     matches = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     found: list[tuple[Path, str]] = []
     for path in matches:
-        if is_hf_disk(path) and source_type in ("auto", "hf_disk"):
-            found.append((path, "hf_disk"))
-        elif path.is_dir():
-            found += [
-                (child, kind)
-                for child in sorted(path.rglob("*"))
-                if child.is_file() and (kind := _file_type(child, source_type))
-            ]
-        elif path.is_file() and (kind := _file_type(path, source_type)):
-            found.append((path, kind))
+        found += _walk(path, source_type)
     if not found:
         wanted = "files" if source_type == "auto" else f"{source_type} files"
         raise DataError(
@@ -56,6 +49,16 @@ def resolve_files(pattern: str, source_type: str) -> list[tuple[Path, str]]:
             f"holds {' or '.join(HF_DISK_MARKERS)}); set the source's type when the extension says nothing"
         )
     return found
+
+
+def _walk(path: Path, source_type: str) -> list[tuple[Path, str]]:
+    if path.is_dir():
+        if is_hf_disk(path) and source_type in ("auto", "hf_disk"):
+            return [(path, "hf_disk")]
+        children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        return [item for child in children for item in _walk(child, source_type)]
+    kind = _file_type(path, source_type) if path.is_file() else None
+    return [(path, kind)] if kind else []
 
 
 def _file_type(path: Path, source_type: str) -> str | None:

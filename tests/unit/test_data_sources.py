@@ -61,11 +61,13 @@ def test_jsonl_parquet_and_saved_datasets_give_identical_shards(tokenizer, tmp_p
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     pq.write_table(pa.Table.from_pylist(RECORDS[:12]), tmp_path / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist(RECORDS[12:]), tmp_path / "part-1.parquet")
-    Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"))
+    Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "nested" / "saved"))
     reference = _prepare(tokenizer, tmp_path / "out-jsonl", jsonl)
     assert reference["num_documents"] == 30 and len(reference["shards"]) > 1
     parquet = _prepare(tokenizer, tmp_path / "out-parquet", tmp_path / "part-*.parquet")
-    saved = _prepare(tokenizer, tmp_path / "out-saved", tmp_path / "saved")
+    saved = _prepare(
+        tokenizer, tmp_path / "out-saved", tmp_path / "nested"
+    )  # a folder holding a saved dataset
     parallel = _prepare(tokenizer, tmp_path / "out-parallel", jsonl, workers=2)
     for other in (parquet, saved, parallel):
         assert _checksums(other) == _checksums(reference)
@@ -78,6 +80,7 @@ def test_plain_text_files_in_a_folder_are_one_document_each(tokenizer, tmp_path:
     (folder / "a.txt").write_text("First file.\nTwo lines.")
     (folder / "sub" / "b.md").write_text("# Second file")
     (folder / "notes.bin").write_bytes(b"\x00\x01")  # no text extension: not read
+    (folder / ".draft.txt").write_text("hidden: not read")
     index = _prepare(tokenizer, tmp_path / "out", folder)
     as_jsonl = tmp_path / "same.jsonl"
     as_jsonl.write_text(
