@@ -57,22 +57,44 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.bin"
 
 
-def recipe(source: SourceConfig, seq_len: int, long_documents: str) -> dict[str, Any]:
-    """Everything the prepared samples depend on besides the tokenizer: settings and the input files' stats."""
-    files = [
-        {"path": str(path), "type": kind, **_file_stat(path)}
-        for path, kind in resolve_files(source.path, source.type)
-    ]
+def recipe(source: SourceConfig, seq_len: int, long_documents: str, digests: bool = False) -> dict[str, Any]:
+    """Everything the prepared samples depend on besides the tokenizer: settings and the input files (size,
+    modification time, and with ``digests`` their sha256)."""
+    files = []
+    for path, kind in resolve_files(source.path, source.type):
+        stats = {"path": str(path), "type": kind, **_file_stat(path)}
+        files.append({**stats, "sha256": file_digest(path)} if digests else stats)
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "weight")}
     return {**settings, "seq_len": seq_len, "long_documents": long_documents, "files": files}
 
 
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
 def _file_stat(path: Path) -> dict[str, int]:
-    if path.is_dir():  # a datasets folder: its Arrow files
-        stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
-        return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stats = [p.stat() for p in _files_of(path)]  # a datasets folder: all its files
+    return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files in order."""
+    digest = hashlib.sha256()
+    for file in _files_of(path):
+        with open(file, "rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_changed(now: list[dict[str, Any]], then: list[dict[str, Any]]) -> bool:
+    """Other files, sizes, or contents; a file rewritten with the same bytes (a new mtime) is unchanged."""
+    if [(f["path"], f["type"], f["size"]) for f in now] != [(f["path"], f["type"], f["size"]) for f in then]:
+        return True
+    return any(
+        a["mtime_ns"] != b["mtime_ns"] and file_digest(Path(a["path"])) != b.get("sha256")
+        for a, b in zip(now, then, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- tokenizing (in worker processes)
@@ -230,7 +252,7 @@ def prepare_source(
     ``on_error: skip`` are counted and written to ``rejects.jsonl`` in the folder.
     """
     started = time.perf_counter()
-    source_recipe = recipe(source, seq_len, long_documents)
+    source_recipe = recipe(source, seq_len, long_documents, digests=True)
     files = [(Path(f["path"]), f["type"]) for f in source_recipe["files"]]
     workers = workers or os.cpu_count() or 1
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32)
@@ -353,17 +375,16 @@ def check_index(folder: Path, index: dict[str, Any], fingerprint: str | None) ->
 def staleness(
     folder: Path, source: SourceConfig, tokenizer: Any, seq_len: int, long_documents: str
 ) -> str | None:
-    """What differs between the prepared ``folder`` and the source now (None: current); the folder must exist.
-
-    Another tokenizer or format version raises DataError."""
+    """What differs between the prepared ``folder`` and the source now (None: current, "not prepared" when
+    there is no index); another tokenizer or format version raises DataError."""
     index = read_index(folder)
     if index is None:
         return "not prepared"
     check_index(folder, index, tokenizer_fingerprint(tokenizer))
-    now = recipe(source, seq_len, long_documents)
-    changed = [
-        key for key in sorted(set(now) | set(index["recipe"])) if now.get(key) != index["recipe"].get(key)
-    ]
+    now, then = recipe(source, seq_len, long_documents), index["recipe"]
+    changed = [k for k in sorted(set(now) | set(then)) if k != "files" and now.get(k) != then.get(k)]
+    if _files_changed(now["files"], then["files"]):
+        changed.append("the source files")
     return f"changed since it was prepared: {', '.join(changed)}" if changed else None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keeltune.data_pipeline.prepare import check_index, read_index
+from keeltune.data_pipeline.prepare import check_index, file_digest, read_index
 from keeltune.data_pipeline.sources import DataError
 
 FEISTEL_ROUNDS = 4
@@ -47,7 +47,7 @@ class PackedDataset:
             if size != shard["bytes"]:
                 state = "missing" if size < 0 else f"{size} bytes instead of {shard['bytes']} (truncated?)"
                 raise DataError(f"{path}: shard {state}; run keeltune prepare again")
-            if verify_checksums and _sha256(path) != shard["sha256"]:
+            if verify_checksums and file_digest(path) != shard["sha256"]:
                 raise DataError(
                     f"{path}: checksum mismatch (the shard is corrupted); run keeltune prepare again"
                 )
@@ -82,14 +82,6 @@ class PackedDataset:
             local = sample_ids[rows] - self.offsets[number]
             ids[rows], mask[rows] = tokens[local], losses[local]
         return ids, mask
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeistelPermutation:

@@ -192,24 +192,34 @@ def test_reader_refuses_truncated_corrupted_foreign_and_unknown_shards(
 def test_train_refuses_stale_shards_and_prepare_replaces_them(
     tokenizer, assets: dict, tmp_path: Path
 ) -> None:
-    config = config_from_dict(base_config(assets, tmp_path / "runs"))
-    first = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False)
-    assert [outcome for _, _, outcome in first] == ["prepared"] * 3
-    assert [o for _, _, o in prepare_sets(config.data, config.run_dir, tokenizer, refresh=False)] == [
-        "current"
-    ] * 3
-    longer = config_from_dict(base_config(assets, tmp_path / "runs", data={**base_config(assets, tmp_path)["data"], "seq_len": 32}))  # fmt: skip
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(assets["task"].read_bytes())
+    raw = base_config(assets, tmp_path / "runs")
+    raw["data"]["train"][0]["path"] = str(task)
+    config = config_from_dict(raw)
+
+    def outcomes(data=config.data, tokenizer=tokenizer, refresh=False) -> list[str]:
+        return [outcome for _, _, outcome in prepare_sets(data, config.run_dir, tokenizer, refresh=refresh)]
+
+    assert outcomes() == ["prepared"] * 3 and outcomes() == ["current"] * 3
+    task.write_bytes(task.read_bytes())  # rewritten with the same bytes: a new mtime, the same data
+    assert outcomes() == ["current"] * 3
+    original = task.read_bytes()
+    task.write_bytes(original.replace(b"What", b"Whot", 1))  # same size, other content
+    with pytest.raises(DataError, match=r"stale \(changed since it was prepared: the source files\)"):
+        outcomes()
+    task.write_bytes(original)
+    longer = config_from_dict({**raw, "data": {**raw["data"], "seq_len": 32}})
     with pytest.raises(DataError, match=r"data.train.0 \(task\): the shards in .*train-task are stale \(changed "
                        r"since it was prepared: seq_len\); run keeltune prepare CONFIG"):  # fmt: skip
-        prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=False)
+        outcomes(longer.data)
     other = copy.deepcopy(tokenizer)
     other.chat_template = "{{ messages }}"  # another template is another tokenizer
     with pytest.raises(
         DataError, match=r"train-task: prepared with another tokenizer .*run keeltune prepare again"
     ):
-        prepare_sets(config.data, config.run_dir, other, refresh=False)
-    again = prepare_sets(longer.data, longer.run_dir, tokenizer, refresh=True)
-    assert [o for _, _, o in again] == ["prepared"] * 3
+        outcomes(tokenizer=other)
+    assert outcomes(longer.data, refresh=True) == ["prepared"] * 3
     assert PackedDataset(config.run_dir / "data" / "train-task").width == 33
 
 
