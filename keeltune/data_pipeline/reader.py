@@ -13,6 +13,8 @@ is one integer (samples consumed), so a resume is O(1) and may use another numbe
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -30,8 +32,10 @@ class PackedDataset:
     """One prepared folder; sample ``i`` is (ids, loss_mask), read lazily through memory maps of its shards."""
 
     def __init__(
-        self, folder: Path, *, fingerprint: str | None = None, verify_checksums: bool = False
+        self, folder: Path, *, fingerprint: str | None = None, verify_checksums: str = "never"
     ) -> None:
+        """Open ``folder`` after cheap checks (version, tokenizer, shard sizes); ``verify_checksums`` "always"
+        hashes every shard, "once" only those not verified before or changed since (by size and mtime)."""
         self.folder = Path(folder)
         index = read_index(self.folder)
         if index is None:
@@ -41,16 +45,28 @@ class PackedDataset:
         self.name: str = index["name"]
         self.width = index["recipe"]["seq_len"] + 1
         self.dtype = np.dtype(index["dtype"])
+        verified = _read_verified(self.folder) if verify_checksums == "once" else {}
         for shard in index["shards"]:
             path = self.folder / shard["file"]
-            size = path.stat().st_size if path.is_file() else -1
-            if size != shard["bytes"]:
-                state = "missing" if size < 0 else f"{size} bytes instead of {shard['bytes']} (truncated?)"
-                raise DataError(f"{path}: shard {state}; run keeltune prepare again")
-            if verify_checksums and file_digest(path) != shard["sha256"]:
-                raise DataError(
-                    f"{path}: checksum mismatch (the shard is corrupted); run keeltune prepare again"
+            stat = path.stat() if path.is_file() else None
+            if stat is None or stat.st_size != shard["bytes"]:
+                state = (
+                    "missing"
+                    if stat is None
+                    else f"{stat.st_size} bytes instead of {shard['bytes']} (truncated?)"
                 )
+                raise DataError(f"{path}: shard {state}; run keeltune prepare again")
+            if verify_checksums != "never" and verified.get(shard["file"]) != [
+                stat.st_size,
+                stat.st_mtime_ns,
+            ]:
+                if file_digest(path) != shard["sha256"]:
+                    raise DataError(
+                        f"{path}: checksum mismatch (the shard is corrupted); run keeltune prepare again"
+                    )
+                verified[shard["file"]] = [stat.st_size, stat.st_mtime_ns]
+        if verify_checksums != "never":
+            _write_verified(self.folder, verified)
         self.offsets = np.cumsum([0] + [s["samples"] for s in index["shards"]])
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -82,6 +98,27 @@ class PackedDataset:
             local = sample_ids[rows] - self.offsets[number]
             ids[rows], mask[rows] = tokens[local], losses[local]
         return ids, mask
+
+
+VERIFIED_FILE = (
+    ".verified.json"  # shards whose sha256 matched, by (size, mtime): a resume does not hash again
+)
+
+
+def _read_verified(folder: Path) -> dict[str, list[int]]:
+    try:
+        return json.loads((folder / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(folder: Path, verified: dict[str, list[int]]) -> None:
+    tmp = folder / f"{VERIFIED_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(verified))
+        os.replace(tmp, folder / VERIFIED_FILE)
+    except OSError:  # a read-only shared folder: verify again next time
+        tmp.unlink(missing_ok=True)
 
 
 class FeistelPermutation:

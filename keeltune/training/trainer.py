@@ -59,7 +59,7 @@ def build_datasets(
         prepare_sets(data, config.run_dir, tokenizer, refresh=False)
     parallel.barrier()
     fingerprint = tokenizer_fingerprint(tokenizer)
-    verify = data.verify_checksums and parallel.is_main
+    verify = data.verify_checksums if parallel.is_main else "never"
     opened = {
         key: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
         for key, _, folder in data.prepared_sets(config.run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -166,18 +167,28 @@ def test_reader_refuses_truncated_corrupted_foreign_and_unknown_shards(
 ) -> None:
     folder = _prepared(tokenizer, assets, tmp_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    assert len(PackedDataset(folder, fingerprint=fingerprint, verify_checksums=True)) > 0
+    assert len(PackedDataset(folder, fingerprint=fingerprint, verify_checksums="once")) > 0
     shard = folder / "shard-00000.bin"
-    original = shard.read_bytes()
+    original, stat = shard.read_bytes(), shard.stat()
     shard.write_bytes(original[:-10])
     with pytest.raises(
         DataError, match=r"shard-00000.bin: shard .* bytes instead of .*truncated.*prepare again"
     ):
         PackedDataset(folder)
     shard.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    os.utime(
+        shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9)
+    )  # a later write, whatever the clock's grain
     assert len(PackedDataset(folder)) > 0  # the size is right; only the checksum finds it
-    with pytest.raises(DataError, match="checksum mismatch .*corrupted.*run keeltune prepare again"):
-        PackedDataset(folder, verify_checksums=True)
+    for mode in ("once", "always"):  # written since it was verified: "once" hashes it again
+        with pytest.raises(DataError, match="checksum mismatch .*corrupted.*run keeltune prepare again"):
+            PackedDataset(folder, verify_checksums=mode)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # silent bit rot: size and mtime unchanged
+    assert (
+        len(PackedDataset(folder, verify_checksums="once")) > 0
+    )  # trusted: verified before, unchanged since
+    with pytest.raises(DataError, match="checksum mismatch"):
+        PackedDataset(folder, verify_checksums="always")
     shard.write_bytes(original)
     with pytest.raises(DataError, match="prepared with another tokenizer .*run keeltune prepare again"):
         PackedDataset(folder, fingerprint="0123456789abcdef")

@@ -243,7 +243,9 @@ def test_where_data_is_prepared_may_change_on_resume_but_not_the_mixing(assets: 
 
     saved = config_from_dict(base_config(assets, tmp_path)).to_dict()
     moved = base_config(assets, tmp_path)
-    moved["data"].update(prepared_dir=str(tmp_path / "elsewhere"), shard_samples=64, verify_checksums=False)
+    moved["data"].update(
+        prepared_dir=str(tmp_path / "elsewhere"), shard_samples=64, verify_checksums="always"
+    )
     assert resume_differences(saved, config_from_dict(moved).to_dict()) == []
     moved["data"]["train"][0]["weight"] = 2.0
     assert resume_differences(saved, config_from_dict(moved).to_dict()) == [
