@@ -101,7 +101,7 @@ class SourceConfig:
         if not self.path:
             raise ConfigError("path: required (a file, a glob such as data/*.jsonl, or a folder)")
         if not 0 < self.weight < 1e6:
-            raise ConfigError(f"weight: must be > 0 (a mixing ratio), got {self.weight}")
+            raise ConfigError(f"weight: must be > 0 and < 1e6 (a mixing ratio), got {self.weight}")
 
 
 @dataclass(kw_only=True)
@@ -138,7 +138,7 @@ class DataConfig:
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ConfigError(f"{key}: names must be unique within the list, {duplicates} used twice")
-        mixing_denominator(self.train)
+        check_mixing(self.train)
 
     def prepared_root(self, run_dir: Path) -> Path:
         """The folder holding every prepared set of this config."""
@@ -168,15 +168,14 @@ def mixing_counts(sources: list[SourceConfig]) -> list[int]:
     return [c // divisor for c in counts]
 
 
-def mixing_denominator(sources: list[SourceConfig]) -> int:
-    """Positions per mixing period; refuses weights whose exact ratio needs an unreasonably long period."""
+def check_mixing(sources: list[SourceConfig]) -> None:
+    """Refuse weights whose exact ratio needs an unreasonably long mixing period."""
     period = sum(mixing_counts(sources)) if sources else 1
     if period > MAX_MIXING_PERIOD:
         raise ConfigError(
             f"data.train weights {[s.weight for s in sources]}: their exact ratio repeats only every {period} "
             "samples; use rounder ratios such as 80 and 20 or 0.75 and 0.25"
         )
-    return period
 
 
 @dataclass(kw_only=True)
