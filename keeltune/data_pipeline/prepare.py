@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -177,7 +177,7 @@ class ShardWriter:
         self.pending = 0
         self.shards: list[dict[str, Any]] = []
         self.target_tokens = 0
-        self.writing = INDEX_FILE  # what is being written, for the message when the disk fills up
+        self.writing = REJECTS_FILE  # what is being written, for the message when the disk fills up
 
     def add(self, document: Document) -> None:
         self.ids.append(np.asarray(document.ids, dtype=self.dtype))
@@ -200,7 +200,7 @@ class ShardWriter:
         tokens = np.lib.stride_tricks.sliding_window_view(ids[:length], width)[:: self.seq_len]
         losses = np.lib.stride_tricks.sliding_window_view(mask[:length], width)[:: self.seq_len]
         self._write(np.ascontiguousarray(tokens), np.ascontiguousarray(losses))
-        self.writing = INDEX_FILE
+        self.writing = REJECTS_FILE
         self.ids, self.masks = [ids[length - 1 :]], [mask[length - 1 :]]
         self.pending = len(self.ids[0])
 
@@ -235,6 +235,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _pack_records(
+    files: list[tuple[Path, str]],
+    source: SourceConfig,
+    writer: ShardWriter,
+    rejects: TextIO,
+    *,
+    tokenizer: Any,
+    long_documents: str,
+    workers: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> dict[str, int]:
+    """Tokenize every record into ``writer``; bad ones fail or go to ``rejects``. Returns the counts."""
+    counts = {"records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0}
+    width = writer.seq_len + 1
+    for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
+        for (location, payload), (document, error) in zip(chunk, results, strict=True):
+            counts["records"] += 1
+            if document is None:
+                if source.on_error == "fail":
+                    raise DataError(f"{error} (or set on_error: skip on source {source.name!r})")
+                counts["rejected"] += 1
+                rejects.write(json.dumps({"where": location, "error": error, "raw": _raw(payload)}) + "\n")
+                continue
+            if long_documents == "truncate" and len(document.ids) > width:
+                counts["truncated"] += 1
+                document = Document(document.ids[:width], document.loss_mask[:width])
+            counts["documents"] += 1
+            counts["tokens"] += len(document.ids)
+            writer.add(document)
+        if on_progress:
+            on_progress(counts["records"], counts["tokens"])
+    writer.finish()
+    return counts
+
+
 def prepare_source(
     source: SourceConfig,
     out_dir: Path,
@@ -254,35 +289,17 @@ def prepare_source(
     started = time.perf_counter()
     source_recipe = recipe(source, seq_len, long_documents, digests=True)
     files = [(Path(f["path"]), f["type"]) for f in source_recipe["files"]]
-    workers = workers or os.cpu_count() or 1
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     writer = ShardWriter(tmp, seq_len=seq_len, shard_samples=shard_samples, dtype=dtype, pad_id=pad_id)
     try:
-        counts = {"records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0}
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as rejects:
-            for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
-                for (location, payload), (document, error) in zip(chunk, results, strict=True):
-                    counts["records"] += 1
-                    if document is None:
-                        if source.on_error == "fail":
-                            raise DataError(f"{error} (or set on_error: skip on source {source.name!r})")
-                        counts["rejected"] += 1
-                        rejects.write(
-                            json.dumps({"where": location, "error": error, "raw": _raw(payload)}) + "\n"
-                        )
-                        continue
-                    if long_documents == "truncate" and len(document.ids) > seq_len + 1:
-                        counts["truncated"] += 1
-                        document = Document(document.ids[: seq_len + 1], document.loss_mask[: seq_len + 1])
-                    counts["documents"] += 1
-                    counts["tokens"] += len(document.ids)
-                    writer.add(document)
-                if on_progress:
-                    on_progress(counts["records"], counts["tokens"])
-            writer.finish()
+            counts = _pack_records(
+                files, source, writer, rejects, tokenizer=tokenizer, long_documents=long_documents,
+                workers=workers or os.cpu_count() or 1, on_progress=on_progress,
+            )  # fmt: skip
         if counts["rejected"]:
             log.warning(
                 "%s: skipped %d bad record(s) of %d; they are listed in %s",
@@ -302,21 +319,19 @@ def prepare_source(
             "tokenizer": getattr(tokenizer, "name_or_path", ""),
             "recipe": source_recipe,
             "dtype": dtype.name,
-            "num_records": counts["records"],
-            "num_documents": counts["documents"],
-            "num_rejected": counts["rejected"],
-            "num_truncated": counts["truncated"],
+            **{f"num_{key}": value for key, value in counts.items()},
             "num_samples": sum(s["samples"] for s in writer.shards),
             "num_target_tokens": writer.target_tokens,
-            "num_tokens": counts["tokens"],
             "shards": writer.shards,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        writer.writing = INDEX_FILE
         _write_atomically(tmp / INDEX_FILE, json.dumps(index, indent=1))
         _fsync_dir(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(
