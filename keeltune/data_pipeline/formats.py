@@ -16,8 +16,11 @@ from keeltune.data_pipeline.sources import DataError
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BUILTIN_TURN_HEADER = "<|{role}|>\n"
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-ROLES.update({"bot": "assistant", "model": "assistant", "chatgpt": "assistant"})
+ROLES = {  # the names datasets use -> the roles chat templates know
+    **dict.fromkeys(["system"], "system"),
+    **dict.fromkeys(["user", "human"], "user"),
+    **dict.fromkeys(["assistant", "gpt", "bot", "model", "chatgpt"], "assistant"),
+}
 
 
 @dataclass(frozen=True)
