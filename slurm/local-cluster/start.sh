@@ -94,6 +94,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 SlurmdParameters=config_overrides
 SelectType=select/cons_tres
+# Cores and memory are consumed: a job gets 500 MB per CPU unless it asks (--mem), at most 4000 MB a node.
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
 ProctrackType=proctrack/linuxproc
@@ -105,6 +106,8 @@ JobRequeue=1
 ReturnToService=2
 KillWait=10
 InactiveLimit=0
+# Schedule each batch job at once (by default Slurm may hold one up to 3 s): tests submit many small jobs.
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
