@@ -55,3 +55,12 @@ stop_slurm_daemons() {
   stop_daemon "$RUN_DIR/slurmctld.pid" slurmctld
   stop_daemon "$RUN_DIR/slurmdbd.pid" slurmdbd
 }
+
+# Hold the state folder's lock (fd 9) until the calling script ends, so that two start.sh (say two test runs),
+# or a start.sh and a stop.sh, never start a daemon twice or stop one half-way. (start.sh's launch keeps it
+# from the daemons.)
+lock_state() {
+  mkdir -p "$STATE"
+  exec 9>"$STATE/.lock"
+  flock 9
+}

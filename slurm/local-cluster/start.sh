@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the local test cluster: munge, MariaDB (private port and socket), slurmdbd, slurmctld and four
-# slurmd "nodes" n1..n4 on this host, each with a count-only GPU GRES. Idempotent: a running daemon is
+# slurmd "nodes" n1..n4 on this host, each with two stand-in GPUs (GRES). Idempotent: a running daemon is
 # left alone, a dead one is started again; a changed config restarts the Slurm daemons. Waits until
 # sinfo shows four idle nodes and sacct answers. Needs root and the packages of install.sh.
 set -euo pipefail
@@ -44,6 +44,19 @@ await_daemon() {
   done
   fail "$name does not answer after $seconds s" "$log"
 }
+# Run a daemon's start command with stdin from /dev/null, output appended to LOG and no other file open: a
+# daemon that inherited the state lock (fd 9) or a caller's pipe would hold it for as long as it runs.
+launch() {
+  local log=$1
+  shift
+  (
+    for fd in /proc/"$BASHPID"/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -le 2 ] || eval "exec $fd>&-" 2>/dev/null || true
+    done
+    exec "$@" </dev/null >>"$log" 2>&1
+  )
+}
 STARTED=()
 
 [ "$(id -u)" -eq 0 ] || fail "run as root (it starts munged as user munge and edits /etc/hosts)"
@@ -52,6 +65,7 @@ for tool in slurmctld slurmd slurmdbd munged mariadbd mariadb-install-db sinfo s
     fail "$tool is not installed: run $(dirname "$0")/install.sh first"
 done
 
+lock_state
 mkdir -p "$ETC_DIR" "$RUN_DIR" "$LOG_DIR" "$SPOOL_DIR/ctld"
 for node in "${NODES[@]}"; do mkdir -p "$SPOOL_DIR/$node"; done
 
@@ -153,7 +167,7 @@ if ! munge_works >/dev/null 2>&1; then
     runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
   fi
   install -d -o munge -g munge -m 755 /run/munge
-  runuser -u munge -- /usr/sbin/munged --force </dev/null >/dev/null 2>&1 ||
+  launch /dev/null runuser -u munge -- /usr/sbin/munged --force ||
     fail "munged did not start" /var/log/munge/munged.log
   await_daemon 10 "$MUNGE_PID" munged /var/log/munge/munged.log munge_works
   touch "$MUNGE_OURS"
@@ -165,15 +179,18 @@ db() { mariadb --no-defaults --socket="$DB_SOCKET" --user=root "$@"; }
 if [ ! -d "$DB_DIR/mysql" ]; then
   rm -rf "$DB_DIR"
   mariadb-install-db --no-defaults --datadir="$DB_DIR" --user=root --auth-root-authentication-method=socket \
-    --skip-test-db --skip-name-resolve >"$LOG_DIR/mariadb-install.log" 2>&1 ||
+    --skip-test-db --skip-name-resolve >"$LOG_DIR/mariadb-install.log" 2>&1 || {
+    rm -rf "$DB_DIR"  # so the next start tries again instead of starting on half a data folder
     fail "mariadb-install-db failed" "$LOG_DIR/mariadb-install.log"
+  }
 fi
 if ! live_pid "$DB_PID" mariadbd >/dev/null; then
   rm -f "$DB_SOCKET"
-  setsid /usr/sbin/mariadbd --no-defaults --datadir="$DB_DIR" --socket="$DB_SOCKET" --pid-file="$DB_PID" \
+  # mariadbd stays in the foreground: `setsid --fork` detaches it into its own session and returns
+  launch "$LOG_DIR/mariadb.log" setsid --fork /usr/sbin/mariadbd --no-defaults --datadir="$DB_DIR" --socket="$DB_SOCKET" --pid-file="$DB_PID" \
     --port="$DB_PORT" --bind-address=127.0.0.1 --user=root --skip-name-resolve --skip-log-bin \
     --log-error="$LOG_DIR/mariadb.log" --innodb-buffer-pool-size=128M --innodb-log-file-size=64M \
-    --innodb-lock-wait-timeout=900 </dev/null >>"$LOG_DIR/mariadb.log" 2>&1 &
+    --innodb-lock-wait-timeout=900
   await_daemon 30 "$DB_PID" mariadbd "$LOG_DIR/mariadb.log" \
     mariadb-admin --no-defaults --socket="$DB_SOCKET" --user=root ping
   STARTED+=(mariadb)
@@ -189,7 +206,7 @@ if [ "$CONFIG_CHANGED" -eq 1 ]; then
 fi
 
 if ! live_pid "$RUN_DIR/slurmdbd.pid" slurmdbd >/dev/null; then
-  slurmdbd </dev/null >>"$LOG_DIR/slurmdbd.log" 2>&1 || fail "slurmdbd did not start" "$LOG_DIR/slurmdbd.log"
+  launch "$LOG_DIR/slurmdbd.log" slurmdbd || fail "slurmdbd did not start" "$LOG_DIR/slurmdbd.log"
   STARTED+=(slurmdbd)
 fi
 await_daemon 30 "$RUN_DIR/slurmdbd.pid" slurmdbd "$LOG_DIR/slurmdbd.log" sacctmgr --noheader list cluster
@@ -199,7 +216,7 @@ if [ -z "$(sacctmgr --noheader --parsable2 list cluster "$CLUSTER_NAME" format=C
 fi
 
 if ! live_pid "$RUN_DIR/slurmctld.pid" slurmctld >/dev/null; then
-  slurmctld -f "$SLURM_CONF" </dev/null >>"$LOG_DIR/slurmctld.log" 2>&1 ||
+  launch "$LOG_DIR/slurmctld.log" slurmctld -f "$SLURM_CONF" ||
     fail "slurmctld did not start" "$LOG_DIR/slurmctld.log"
   STARTED+=(slurmctld)
 fi
@@ -210,7 +227,7 @@ for node in "${NODES[@]}"; do
   if ! live_pid "$RUN_DIR/slurmd-$node.pid" slurmd >/dev/null; then
     rm -f "$RUN_DIR/slurmd-$node.pid"
     LAUNCHED[$node]=$(date +%s)
-    slurmd -f "$SLURM_CONF" -N "$node" </dev/null >>"$LOG_DIR/slurmd-$node.log" 2>&1 ||
+    launch "$LOG_DIR/slurmd-$node.log" slurmd -f "$SLURM_CONF" -N "$node" ||
       fail "slurmd $node did not start" "$LOG_DIR/slurmd-$node.log"
     STARTED+=("slurmd-$node")
   fi

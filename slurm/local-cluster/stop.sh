@@ -4,6 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
+lock_state
 stop_slurm_daemons
 stop_daemon "$DB_PID" mariadbd
 if [ -e "$MUNGE_OURS" ]; then
