@@ -31,8 +31,8 @@ cleanup() { [ "$own_policy" -eq 0 ] || $SUDO rm -f "$policy"; }
 trap cleanup EXIT
 
 log=$(mktemp)
-if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
          -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"; } >"$log" 2>&1; then
   tail -n 30 "$log" >&2
   echo "slurm install: apt-get failed (full log: $log)" >&2
