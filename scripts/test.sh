@@ -6,7 +6,7 @@ source scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== ruff"
 .venv/bin/ruff check .
-echo "== slurm test cluster (tests/slurm; first time on a machine about 45 s)"
+echo "== slurm test cluster (tests/slurm; first time on a machine about 30-45 s)"
 bash slurm/local-cluster/install.sh
 bash slurm/local-cluster/start.sh
 echo "== pytest"
