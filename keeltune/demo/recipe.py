@@ -55,6 +55,7 @@ class Recipe:
     finetune: Schedule
     seed: int = 0
     max_pretrain_ppl: float = 150.0  # hard check on the held-out ("retention") perplexity after pretraining
+    eval_max_samples: int | None = None  # sequences per evaluation set; None evaluates them all
     chunk_chars: int | None = 3000  # general-corpus document size (see ``corpora.general_corpus``)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
