@@ -15,11 +15,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the pinned CPU stack (about a minute)"
-  "$VENV/bin/pip" install --quiet --upgrade pip
+  pip_quiet() {  # pip, without the notices about local index folders this machine's pip config names
+    "$VENV/bin/pip" install --quiet "$@" 2>&1 | { grep -v -e "^WARNING: Location 'file:" || true; }
+  }
+  pip_quiet --upgrade pip
   # torch first and pinned, so nothing else pulls a multi-GB CUDA build
-  "$VENV/bin/pip" install --quiet "torch==2.13.0"
-  "$VENV/bin/pip" install --quiet -r requirements-cpu.txt
-  "$VENV/bin/pip" install --quiet --no-deps -e .
+  pip_quiet "torch==2.13.0"
+  pip_quiet -r requirements-cpu.txt
+  pip_quiet --no-deps -e .
   echo "$want" > "$STAMP"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

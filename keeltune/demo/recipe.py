@@ -55,12 +55,13 @@ class Recipe:
     finetune: Schedule
     seed: int = 0
     max_pretrain_ppl: float = 150.0  # hard check on the held-out ("retention") perplexity after pretraining
+    eval_max_samples: int | None = None  # sequences per evaluation set; None evaluates them all
     chunk_chars: int | None = 3000  # general-corpus document size (see ``corpora.general_corpus``)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 DEFAULT = Recipe(
-    vocab_size=4096,
+    vocab_size=2048,
     seq_len=256,
     model=ModelShape(
         hidden_size=256,
@@ -70,11 +71,11 @@ DEFAULT = Recipe(
         intermediate_size=688,
     ),
     pretrain=Schedule(
-        steps=240,
-        batch_size=16,
-        micro_batch_size=16,
-        lr=2e-3,
-        warmup_steps=20,
+        steps=360,
+        batch_size=8,
+        micro_batch_size=8,
+        lr=1e-3,
+        warmup_steps=30,
         min_lr_ratio=0.1,
         weight_decay=0.1,
         eval_every=60,
@@ -87,7 +88,7 @@ DEFAULT = Recipe(
         warmup_steps=10,
         min_lr_ratio=0.1,
         weight_decay=0.0,
-        eval_every=25,
+        eval_every=20,
     ),
 )
 
@@ -122,6 +123,7 @@ SMOKE = Recipe(
         eval_every=5,
     ),
     max_pretrain_ppl=float("inf"),  # too short to learn anything: no quality check
+    eval_max_samples=16,
 )
 
 

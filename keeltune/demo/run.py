@@ -98,7 +98,7 @@ def phase_config(
                 "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
             },
             "regularization": {"weight_decay": schedule.weight_decay},
-            "eval": {"every_steps": schedule.eval_every, "micro_batch_size": 16},
+            "eval": {"every_steps": schedule.eval_every, "micro_batch_size": 16, "max_samples": recipe.eval_max_samples},
             "logging": {"every_steps": 1, "wandb": {"mode": "offline", "project": "keeltune-demo"}},
         },
         origin=f"demo:{name}",
