@@ -73,7 +73,7 @@ class PlainLoop:
         self.optimizer = torch.optim.AdamW(
             decay_groups(self.model, cfg.regularization.weight_decay), lr=cfg.training.lr, betas=(0.9, 0.95)
         )
-        self.dataset = trainer.train_data
+        self.dataset = trainer.train_sources[0]
         self.batch = cfg.training.global_batch_size
         self.micro = cfg.training.micro_batch_size
         self.position = 0
