@@ -18,7 +18,9 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -264,7 +266,7 @@ def _records(qualname: str, obj: Any, kind: str) -> list[dict[str, str]]:
     doc = _doc_excerpt(obj, kind)
     if not doc:
         return []
-    signature = _signature(qualname, obj, kind)
+    signature = _signature(qualname, obj)
     owner, _, name = qualname.rpartition(".")
     if kind == "method":  # "module.Class.method": the module is the owner's owner
         module, _, cls = owner.rpartition(".")
@@ -303,9 +305,8 @@ def _doc_excerpt(obj: Any, kind: str) -> str:
     if not isinstance(raw, str):
         return ""
     doc = _clean(inspect.cleandoc(raw))
-    if (
-        len(doc.split()) < 3 or " at 0x" in doc
-    ):  # nothing to learn from (e.g. ast.Or: "Or"), or not deterministic
+    # Too short to learn from (e.g. ast.Or's "Or"), or showing a memory address.
+    if len(doc.split()) < 3 or " at 0x" in doc:
         return ""
     paragraphs = doc.split("\n\n")
     kept = [paragraphs[0][:_MAX_DOC_CHARS]]
@@ -316,7 +317,7 @@ def _doc_excerpt(obj: Any, kind: str) -> str:
     return "\n\n".join(kept)
 
 
-def _signature(qualname: str, obj: Any, kind: str) -> str:
+def _signature(qualname: str, obj: Any) -> str:
     """``qualname(params)`` or ``""`` when there is none, it is too long or not deterministic."""
     try:
         with warnings.catch_warnings():
@@ -324,9 +325,15 @@ def _signature(qualname: str, obj: Any, kind: str) -> str:
             text = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
-    if " at 0x" in text or len(text) > _MAX_SIGNATURE_CHARS or "<" in text:
+    if len(text) > _MAX_SIGNATURE_CHARS or "<" in text or not _reproducible(text):
         return ""
     return f"{qualname}{text}"
+
+
+def _reproducible(text: str) -> bool:
+    """False when ``text`` shows a memory address or this interpreter's paths (a ``sys.executable`` default)."""
+    local = {sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.expanduser("~")}
+    return " at 0x" not in text and not any(len(path) > 1 and path in text for path in local)
 
 
 # --------------------------------------------------------------------------- files
