@@ -116,6 +116,9 @@ class DataConfig:
     shard_samples: int = 8192  # packed samples per shard file
     long_documents: Literal["split", "truncate"] = "split"  # documents longer than seq_len + 1 tokens
     prepare_workers: int = 0  # tokenizer processes for prepare; 0: one per core
+    loader_workers: int = (
+        0  # DataLoader processes reading ahead during training; 0: the training process reads
+    )
     # sha256 of the shards when training starts (rank 0): "once" skips shards verified before and unchanged since
     # (same size and mtime), so a resume after preemption does not hash terabytes again
     verify_checksums: Literal["once", "always", "never"] = "once"
@@ -129,6 +132,10 @@ class DataConfig:
             )
         if self.shard_samples < 1:
             raise ConfigError(f"data.shard_samples: must be >= 1, got {self.shard_samples}")
+        if self.loader_workers < 0:
+            raise ConfigError(
+                f"data.loader_workers: must be >= 0 (0 reads in the training process), got {self.loader_workers}"
+            )
         if self.prepare_workers < 0:
             raise ConfigError(
                 f"data.prepare_workers: must be >= 0 (0 uses every core), got {self.prepare_workers}"
@@ -357,6 +364,7 @@ RESUME_MUTABLE = (
     "data.prepared_dir",  # the samples are checked by the reader state, wherever they are prepared
     "data.shard_samples",
     "data.prepare_workers",
+    "data.loader_workers",
     "data.verify_checksums",
 )
 

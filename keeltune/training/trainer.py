@@ -22,6 +22,7 @@ from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.checkpoint import load_checkpoint, save_checkpoint
+from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
 from keeltune.training.run_files import BASELINE_FILE, FINAL_MODEL_DIR, latest_checkpoint
@@ -91,6 +92,9 @@ class Trainer:
             world_size=parallel.world_size,
             seed=config.training.seed,
             mixing=mixing_counts(config.data.train),
+        )
+        self.loader = StepLoader(
+            self.stream, micro_batch=config.training.micro_batch_size, workers=config.data.loader_workers
         )
         self.backend: Backend = build_backend(config, parallel)
         self.step = 0
@@ -162,9 +166,9 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over this rank's share of the global batch; returns (mean loss, tokens)."""
-        _, ids, mask = self.stream.next_batch()
-        ids_t = torch.from_numpy(ids).to(self.parallel.device)
-        mask_t = torch.from_numpy(mask[:, 1:].astype(np.float32)).to(self.parallel.device)
+        ids, mask = self.loader.next_step()
+        ids_t = ids.to(self.parallel.device)
+        mask_t = mask[:, 1:].float().to(self.parallel.device)
         counts = torch.tensor([float(mask_t.sum())], dtype=torch.float64, device=self.parallel.device)
         global_targets = float(self.parallel.all_reduce_sum(counts).item())
         # DDP averages gradients over ranks, so each rank scales by world/targets: the result is the mean
@@ -274,4 +278,5 @@ class Trainer:
         return folder
 
     def close(self) -> None:
+        self.loader.close()
         self.metrics.close()

@@ -1,4 +1,5 @@
-"""Plain data parallel over 2 real gloo processes (torch's launcher) equals 1 process on the same global batch."""
+"""Plain data parallel over 2 real gloo processes (torch's launcher, DataLoader workers reading ahead) equals
+1 process reading in-process on the same global batch."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_two_ranks_match_one_rank_and_log_per_rank(assets: dict, tmp_path: Path)
             training={"max_steps": 6, "warmup_steps": 1, "checkpoint": {"every_steps": 3, "keep_last": 1}},
             eval={"every_steps": 3, "micro_batch_size": 4},
         )
+        config["data"]["loader_workers"] = nproc - 1  # each of the 2 ranks reads through a DataLoader worker
         done = keeltune(
             "train", str(write_config(tmp_path / f"cfg{nproc}.yaml", config)), "--nproc", str(nproc)
         )
