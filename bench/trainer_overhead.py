@@ -118,10 +118,18 @@ def main() -> None:
         trainer.close()
     keeltune_s, plain_s = statistics.median(ours), statistics.median(theirs)
     params = sum(p.numel() for p in plain.model.parameters())
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"model: demo base architecture, {params / 1e6:.2f}M parameters, batch {plain.batch}x{DEFAULT.seq_len}")
-    print(f"keeltune loop: median {keeltune_s * 1000:.0f} ms/step  (repeats: {[round(t * 1000) for t in ours]})")
-    print(f"plain loop:    median {plain_s * 1000:.0f} ms/step  (repeats: {[round(t * 1000) for t in theirs]})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    print(
+        f"model: demo base architecture, {params / 1e6:.2f}M parameters, batch {plain.batch}x{DEFAULT.seq_len}"
+    )
+    print(
+        f"keeltune loop: median {keeltune_s * 1000:.0f} ms/step  (repeats: {[round(t * 1000) for t in ours]})"
+    )
+    print(
+        f"plain loop:    median {plain_s * 1000:.0f} ms/step  (repeats: {[round(t * 1000) for t in theirs]})"
+    )
     print(f"ratio = keeltune / plain = {keeltune_s / plain_s:.3f}  (goal <= 1.05)")
 
 

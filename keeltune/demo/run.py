@@ -54,7 +54,9 @@ def write_datasets(folder: Path) -> DemoFiles:
     return DemoFiles(
         general_train=corpora.write_jsonl(folder / "general_train.jsonl", general["train"]),
         retention=corpora.write_jsonl(folder / "general_retention.jsonl", general["retention"]),
-        retention_test=corpora.write_jsonl(folder / "general_retention_test.jsonl", general["retention_test"]),
+        retention_test=corpora.write_jsonl(
+            folder / "general_retention_test.jsonl", general["retention_test"]
+        ),
         task_train=corpora.write_jsonl(folder / "task_train.jsonl", tasks["train"]),
         task_val=corpora.write_jsonl(folder / "task_val.jsonl", tasks["val"]),
     )
@@ -70,7 +72,13 @@ def recipe_key(recipe: Recipe, files: DemoFiles) -> str:
 
 
 def phase_config(
-    name: str, root: Path, model: Path, schedule: Schedule, recipe: Recipe, train: dict[str, str], files: DemoFiles
+    name: str,
+    root: Path,
+    model: Path,
+    schedule: Schedule,
+    recipe: Recipe,
+    train: dict[str, str],
+    files: DemoFiles,
 ) -> Config:
     """A keeltune config for one demo phase (validated like any YAML config)."""
     data: dict[str, Any] = {
@@ -98,7 +106,11 @@ def phase_config(
                 "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
             },
             "regularization": {"weight_decay": schedule.weight_decay},
-            "eval": {"every_steps": schedule.eval_every, "micro_batch_size": 16, "max_samples": recipe.eval_max_samples},
+            "eval": {
+                "every_steps": schedule.eval_every,
+                "micro_batch_size": 16,
+                "max_samples": recipe.eval_max_samples,
+            },
             "logging": {"every_steps": 1, "wandb": {"mode": "offline", "project": "keeltune-demo"}},
         },
         origin=f"demo:{name}",
@@ -110,13 +122,17 @@ def train(config: Config) -> TrainSummary:
     return train_rank(run_dir)
 
 
-def ensure_base(recipe: Recipe, files: DemoFiles, root: Path, cache: Path, console: Console) -> tuple[Path, dict]:
+def ensure_base(
+    recipe: Recipe, files: DemoFiles, root: Path, cache: Path, console: Console
+) -> tuple[Path, dict]:
     """The pretrained base for this recipe: from the cache, or pretrained now and cached."""
     key = recipe_key(recipe, files)
     base = cache / f"demo-base-{key}"
     if (base / BASE_INFO).is_file():
         info = json.loads((base / BASE_INFO).read_text())
-        console.print(f"[green]base model[/] reused from cache: {base} (retention ppl {info['retention_ppl']:.1f})")
+        console.print(
+            f"[green]base model[/] reused from cache: {base} (retention ppl {info['retention_ppl']:.1f})"
+        )
         return base, {**info, "cached": True}
     started = time.perf_counter()
     init = root / f"demo-init-{key}"
@@ -177,11 +193,15 @@ def plot_curves(run_dir: Path, out: Path) -> Path:
     evals = [r for r in records if "val/loss" in r]
     train_records = [r for r in records if "train/loss" in r]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["step"] for r in train_records], [r["train/loss"] for r in train_records], alpha=0.4, label="train")
+    left.plot(
+        [r["step"] for r in train_records], [r["train/loss"] for r in train_records], alpha=0.4, label="train"
+    )
     left.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "o-", label="task validation")
     left.set(xlabel="step", ylabel="loss", title="Task: standard-library Q&A")
     left.legend()
-    right.plot([r["step"] for r in evals], [r["retention/python-docs/ppl"] for r in evals], "o-", color="tab:red")
+    right.plot(
+        [r["step"] for r in evals], [r["retention/python-docs/ppl"] for r in evals], "o-", color="tab:red"
+    )
     right.set(xlabel="step", ylabel="perplexity", title="Retention: held-out Python docs (lower is better)")
     figure.tight_layout()
     figure.savefig(out, dpi=110)

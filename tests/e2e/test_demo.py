@@ -18,7 +18,9 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
     summary = json.loads((run_dir / "demo_summary.json").read_text())
     assert summary["task_loss_after"] < summary["task_loss_before"]  # it learned the task
     assert summary["base_cached"] is False
-    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
+    assert (run_dir / "final" / "model.safetensors").is_file() and (
+        run_dir / "final" / "tokenizer.json"
+    ).is_file()
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     bases = list((tmp_path / "cache").glob("demo-base-*"))

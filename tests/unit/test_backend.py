@@ -23,7 +23,9 @@ def _loss_and_grads(assets: dict, tmp_path: Path, **overrides) -> tuple[float, d
     torch.manual_seed(0)
     ids = torch.randint(3, 500, (2, 33))
     mask = torch.ones(2, 32)
-    loss = backend.forward_backward(ids[:, :-1], lambda logits: token_nll(logits, ids[:, 1:], mask) / 64, sync_grads=True)
+    loss = backend.forward_backward(
+        ids[:, :-1], lambda logits: token_nll(logits, ids[:, 1:], mask) / 64, sync_grads=True
+    )
     grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
     return float(loss), grads
 
@@ -43,6 +45,8 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(assets: dict, tmp_path: Path)
     assert loss_bf16 != loss  # really computed in bf16
     assert loss_bf16 == pytest.approx(loss, rel=2e-2)
     cosine = torch.nn.functional.cosine_similarity(
-        torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in grads_bf16.values()]), dim=0
+        torch.cat([g.flatten() for g in grads.values()]),
+        torch.cat([g.flatten() for g in grads_bf16.values()]),
+        dim=0,
     )
     assert cosine > 0.95

@@ -12,7 +12,10 @@ from tests.unit.test_reader import make_prepared
 
 
 def _steps(tmp_path: Path, workers: int, start: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    sources = [make_prepared(tmp_path / f"w{workers}-a", "a", 40), make_prepared(tmp_path / f"w{workers}-b", "b", 23)]
+    sources = [
+        make_prepared(tmp_path / f"w{workers}-a", "a", 40),
+        make_prepared(tmp_path / f"w{workers}-b", "b", 23),
+    ]
     stream = TrainStream(sources, global_batch=12, rank=1, world_size=2, seed=5, mixing=[3, 1])
     stream.load_state_dict({"consumed_samples": start, "seed": 5})
     loader = StepLoader(stream, micro_batch=2, workers=workers)
