@@ -6,6 +6,8 @@ import copy
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from keeltune.data_pipeline.prepare import DataError, prepare_sets, prepare_sour
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.sharding.model import load_tokenizer
 from keeltune.training.schedule import lr_at
-from tests.conftest import base_config
+from tests.conftest import REPO, base_config
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,55 @@ def test_warmup_then_cosine() -> None:
     assert lr_at(14, **kwargs) == pytest.approx(0.1)
     values = [lr_at(s, **kwargs) for s in range(4, 15)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+REAL_DISK_FULL = """
+import json, os, sys
+from pathlib import Path
+from keeltune.config import SourceConfig
+from keeltune.data_pipeline.prepare import DataError, prepare_source
+from keeltune.sharding.model import load_tokenizer
+disk, source, model = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+try:
+    prepare_source(SourceConfig(name="src", path=source), disk / "out", tokenizer=load_tokenizer(model),
+                   seq_len=64, shard_samples=4, workers=1)
+    message = ""
+except DataError as err:
+    message = str(err)
+print(json.dumps({"error": message, "left": sorted(str(p.relative_to(disk)) for p in disk.rglob("*"))}))
+"""
+
+
+def test_a_really_full_disk_leaves_nothing_that_looks_complete(assets: dict, tmp_path: Path) -> None:
+    """A 64 KiB tmpfs, mounted in a private user+mount namespace (no root needed), fills up during prepare."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 60}) + "\n" for i in range(400)))
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3" "$1" "$4" "$5"'
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(disk),
+            sys.executable,
+            REAL_DISK_FULL,
+            str(source),
+            str(assets["model"]),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "disk full while writing" in result["error"] and str(disk / "out") in result["error"]
+    assert result["left"] == []  # no shard, index or folder that could pass for prepared data
+    assert not (disk / "out").exists()  # and nothing was written outside the namespace's tmpfs
