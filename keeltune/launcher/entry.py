@@ -31,9 +31,13 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def set_threads(local_world_size: int) -> None:
+    """Share the cores between local ranks on CPU; tell DeepSpeed there is no accelerator to look for."""
     import torch
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
