@@ -38,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=1, help="local processes (ranks), started with torch's launcher"
     )
 
+    sbatch = verbs.add_parser(
+        "sbatch", help="write a standalone sbatch script that trains this config on Slurm"
+    )
+    _add_config_args(sbatch)
+    sbatch.add_argument("-o", "--output", type=Path, required=True, help="where to write the script")
+    sbatch.add_argument("--nodes", type=int, help="override slurm.nodes")
+    sbatch.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
+    for option in ("partition", "time", "account", "qos"):
+        sbatch.add_argument(f"--{option}", help=f"override slurm.{option}")
+
     demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
@@ -99,6 +109,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_local(run_dir, args.nproc)
 
 
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.launcher.run_dir import prepare_run_dir
+    from keeltune.launcher.sbatch import render_sbatch
+
+    overrides = list(args.overrides)
+    for key in ("nodes", "gpus_per_node", "partition", "time", "account", "qos"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"slurm.{key}={value}")
+    config = load_config(args.config, overrides)
+    check_world_size(config, config.slurm.nodes * config.slurm.gpus_per_node)
+    check_paths(config)
+    run_dir, _ = prepare_run_dir(config)
+    args.output.write_text(render_sbatch(config, run_dir))
+    args.output.chmod(0o755)
+    print(
+        f"wrote {args.output}: {config.slurm.nodes} node(s) x {config.slurm.gpus_per_node} GPU(s), run folder {run_dir}"
+    )
+    print(f"submit with: sbatch {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
@@ -106,7 +139,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "prepare": cmd_prepare, "train": cmd_train, "demo": cmd_demo}
+COMMANDS = {
+    "config": cmd_config,
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "sbatch": cmd_sbatch,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,7 +292,7 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class SlurmConfig:
-    """Defaults for cluster submission (overridable on the command line)."""
+    """Cluster submission: resources (overridable on the command line) and the job's environment."""
 
     nodes: int = 1
     gpus_per_node: int = 1
@@ -300,12 +300,33 @@ class SlurmConfig:
     time: str = "01:00:00"
     account: str = ""
     qos: str = ""
+    job_name: str = ""  # defaults to run.name
+    mem: str = ""  # per node, e.g. 200G; empty: the partition's default
+    cpus_per_task: int = 0  # 0: the partition's default
+    setup: list[str] = field(default_factory=list)  # shell lines run before training (module load, venv, ...)
+    directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --constraint=a100
+    env: list[str] = field(default_factory=list)  # KEY=VALUE exported in the job
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ConfigError("slurm.nodes and slurm.gpus_per_node: must be >= 1")
         if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
             raise ConfigError(f"slurm.time: {self.time!r} is not a Slurm time (e.g. 04:00:00 or 1-12:00:00)")
+        if self.cpus_per_task < 0:
+            raise ConfigError("slurm.cpus_per_task: must be >= 0")
+        for i, line in enumerate(self.directives):
+            if not line.startswith("--") or "\n" in line:
+                raise ConfigError(
+                    f"slurm.directives.{i}: {line!r} must be one sbatch option such as --constraint=a100"
+                )
+        for i, pair in enumerate(self.env):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", pair, flags=re.S):
+                raise ConfigError(
+                    f"slurm.env.{i}: {pair!r} must be KEY=VALUE with a shell variable name as KEY"
+                )
+        for key in ("job_name", "partition", "account", "qos", "mem"):
+            if "\n" in getattr(self, key):
+                raise ConfigError(f"slurm.{key}: must be one line")
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,7 @@ def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
                 "a new run with --set run.name=NEW_NAME."
             )
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens its output file there first
         if checkpoint is None:
             for stale in (METRICS_FILE, BASELINE_FILE):
                 (run_dir / stale).unlink(missing_ok=True)

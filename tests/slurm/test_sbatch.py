@@ -1,0 +1,53 @@
+"""A script rendered by ``keeltune sbatch`` and submitted with plain ``sbatch`` trains on 2 real Slurm nodes;
+hostile names in the config never run as shell code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.conftest import base_config, keeltune, train_losses, write_config
+from tests.slurm.conftest import LocalSlurm
+
+EVIL = "$(touch CANARY)`touch CANARY`; touch CANARY 'q\" x"
+
+
+def test_rendered_script_runs_two_nodes_and_quotes_everything(
+    slurm_cluster: LocalSlurm, assets: dict, tmp_path: Path
+) -> None:
+    root = tmp_path / f"runs {EVIL}"
+    config = base_config(
+        assets,
+        root,
+        run={"name": "sbatch-run", "root": str(root)},
+        training={"max_steps": 4, "warmup_steps": 1, "checkpoint": {"every_steps": 2, "keep_last": 1}},
+        eval={"every_steps": 2, "micro_batch_size": 8},
+    )
+    config["slurm"] = {
+        "nodes": 2,
+        "gpus_per_node": 1,
+        "time": "5",
+        "mem": "3000M",
+        "cpus_per_task": 2,
+        "job_name": f"job {EVIL}",
+        "env": [f"KEELTUNE_NOTE={EVIL}", "OMP_NUM_THREADS=1"],
+        "setup": ["echo setup line ran"],
+    }
+    script = tmp_path / "job.sbatch"
+    rendered = keeltune(
+        "sbatch", str(write_config(tmp_path / "cfg.yaml", config)), "-o", str(script), cwd=tmp_path
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "submit with: sbatch" in rendered.stdout
+    submitted = slurm_cluster.run("sbatch", str(script), timeout=30)
+    job = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
+    run_dir = root / "sbatch-run"
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED"}, timeout=240)
+    log = next((run_dir / "logs").glob("slurm-*.out")).read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "setup line ran" in log
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "logs" / "rank1.log").is_file()  # two ranks, one per node
+    assert not [p for p in tmp_path.rglob("CANARY")], "a config value ran as shell code"
+    assert not Path("CANARY").exists()
