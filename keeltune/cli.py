@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     for option in ("partition", "time", "account", "qos"):
         sbatch.add_argument(f"--{option}", help=f"override slurm.{option}")
 
+    export = verbs.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face folder (safetensors, config, tokenizer)"
+    )
+    export.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.add_argument("--checkpoint", type=int, help="step to export (default: the latest checkpoint)")
+    export.add_argument(
+        "--merge", action="store_true", help="QLoRA: also write the base with the adapters merged in"
+    )
+
     demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
@@ -132,6 +142,31 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from keeltune.config import ConfigError, load_config
+    from keeltune.sharding.backends import export_checkpoint
+    from keeltune.sharding.model import load_tokenizer
+    from keeltune.training.run_files import CONFIG_FILE, complete_checkpoints
+
+    config_file = args.run / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{args.run}: not a run folder (no {CONFIG_FILE}); give the folder `keeltune train` made"
+        )
+    config = load_config(config_file)
+    found = {int(path.name.removeprefix("step_")): path for path in complete_checkpoints(args.run)}
+    if not found:
+        raise ConfigError(f"{args.run}: no complete checkpoint to export")
+    step = max(found) if args.checkpoint is None else args.checkpoint
+    if step not in found:
+        raise ConfigError(f"--checkpoint {step}: not in {args.run}; complete checkpoints: {sorted(found)}")
+    tokenizer = load_tokenizer(config.model.tokenizer_path)
+    for folder in export_checkpoint(config, found[step], args.out, merge=args.merge):
+        tokenizer.save_pretrained(folder)
+        print(f"wrote {folder} (step {step})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
@@ -144,6 +179,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sbatch": cmd_sbatch,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
 

@@ -254,10 +254,75 @@ class TrainingConfig:
 
 
 @dataclass(kw_only=True)
-class ShardingConfig:
-    """How the model is spread over ranks. ``ddp``: plain data parallel (one full replica per rank)."""
+class Zero3Config:
+    """DeepSpeed ZeRO-3 settings; ``None`` sizes are derived from the model's hidden size (as DeepSpeed advises)."""
 
-    backend: Literal["ddp"] = "ddp"
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    reduce_bucket_size: int | None = None  # None: hidden^2
+    prefetch_bucket_size: int | None = None  # None: 0.9 x hidden^2
+    param_persistence_threshold: int | None = (
+        None  # None: 10 x hidden; tensors smaller stay whole on every rank
+    )
+    max_live_parameters: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        for key in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"{key}: must be >= 0 (or left out to derive it from the model)")
+        if self.offload_params == "cpu" and self.offload_optimizer != "cpu":
+            raise ConfigError(
+                "offload_params: cpu needs offload_optimizer: cpu as well (DeepSpeed offloads parameters only "
+                "together with the optimizer)"
+            )
+
+
+@dataclass(kw_only=True)
+class QLoraConfig:
+    """A 4-bit (bitsandbytes) frozen base with LoRA adapters (peft), data parallel over ranks."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA with bf16, else fp32
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank: must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules: name at least one module (or 'all-linear')")
+
+
+@dataclass(kw_only=True)
+class ShardingConfig:
+    """How the model is spread over ranks: ``ddp`` (a full replica per rank), ``zero3`` (DeepSpeed ZeRO-3 full
+    fine-tuning, parameters, gradients and optimizer state partitioned) or ``qlora`` (4-bit base + LoRA
+    adapters, data parallel)."""
+
+    backend: Literal["ddp", "zero3", "qlora"] = "ddp"
+    zero3: Zero3Config = field(default_factory=Zero3Config)
+    qlora: QLoraConfig = field(default_factory=QLoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend == "qlora" and self.zero3 != Zero3Config():
+            raise ConfigError(
+                "zero3: QLoRA with ZeRO-3 (sharding the 4-bit base) is not supported. Use backend: qlora alone "
+                "(every rank holds the 4-bit base, about 0.3x its bf16 size, and only the adapters are "
+                "all-reduced), or backend: zero3 for full fine-tuning; remove the sharding.zero3 section"
+            )
+        if self.backend != "qlora" and self.qlora != QLoraConfig():
+            raise ConfigError(
+                f"qlora: settings for backend qlora, but backend is {self.backend!r}; "
+                "set sharding.backend: qlora or remove the sharding.qlora section"
+            )
 
 
 @dataclass(kw_only=True)

@@ -43,16 +43,23 @@ def evaluate(
     device: torch.device,
     max_samples: int | None = None,
 ) -> EvalResult:
-    """Evaluate this rank's part of ``dataset``; every rank returns the same global result."""
+    """Evaluate this rank's part of ``dataset``; every rank returns the same global result.
+
+    Every rank runs the same number of forward passes (a rank with fewer samples repeats a batch and ignores
+    it): sharded backends gather parameters inside forward, so ranks must stay in step."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     sample_ids = eval_shard(dataset, rank, world_size, max_samples)
-    for start in range(0, len(sample_ids), micro_batch_size):
-        ids, mask = dataset.get(sample_ids[start : start + micro_batch_size])
+    most_samples = len(eval_shard(dataset, 0, world_size, max_samples))  # rank 0 gets the most (strided)
+    for start in range(0, most_samples, micro_batch_size):
+        batch = sample_ids[start : start + micro_batch_size]
+        counted = len(batch) > 0
+        ids, mask = dataset.get(batch if counted else np.zeros(1, dtype=np.int64))
         ids_t = torch.from_numpy(ids).to(device)
         mask_t = torch.from_numpy(mask[:, 1:].astype(np.float32)).to(device)
         logits = logits_fn(ids_t[:, :-1])
-        totals[0] += token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
-        totals[1] += mask_t.sum().double()
+        if counted:
+            totals[0] += token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
+            totals[1] += mask_t.sum().double()
     all_reduce_sum(totals)
     tokens = int(totals[1].item())
     return EvalResult(loss=float(totals[0].item()) / max(tokens, 1), tokens=tokens)

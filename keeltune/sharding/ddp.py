@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,3 +104,16 @@ class DDPBackend:
     def export(self, folder: Path) -> None:
         if self.parallel.is_main:
             self.model.save_pretrained(folder, safe_serialization=True)
+
+
+def export_ddp_checkpoint(config: Config, checkpoint: Path, out: Path) -> list[Path]:
+    """A DDP checkpoint already holds the whole model as safetensors: copy it next to the model's config."""
+    from transformers import AutoConfig
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no model.safetensors (is this a checkpoint of a ddp run?)")
+    out.mkdir(parents=True, exist_ok=True)
+    AutoConfig.from_pretrained(config.model.path, local_files_only=True).save_pretrained(out)
+    shutil.copyfile(weights, out / "model.safetensors")
+    return [out]

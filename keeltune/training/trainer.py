@@ -17,7 +17,7 @@ from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.eval.evaluate import EvalResult, evaluate, token_nll
-from keeltune.sharding import build_backend
+from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
 from keeltune.sharding.parallel import ParallelEnv

@@ -9,7 +9,7 @@ import torch
 
 from keeltune.config import config_from_dict
 from keeltune.eval.evaluate import token_nll
-from keeltune.sharding import build_backend
+from keeltune.sharding.backends import build_backend
 from keeltune.sharding.parallel import ParallelEnv
 from tests.conftest import base_config
 
