@@ -115,7 +115,10 @@ def test_wrong_type_names_key_line_and_expectation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"{path}:11: training.micro_batch_size: expected int, got str 'four'"
-    with pytest.raises(ConfigError, match=r"sharding.backend: 'zero' is not one of \['ddp', 'zero3', 'qlora'\] \(did you mean 'zero3'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sharding.backend: 'zero' is not one of \['ddp', 'zero3', 'qlora'\] \(did you mean 'zero3'\?\)",
+    ):
         load_config(write(tmp_path, MINIMAL + "sharding:\n  backend: zero\n"))
     with pytest.raises(
         ConfigError,
@@ -251,10 +254,14 @@ def test_resume_differences_ignore_mutable_keys(tmp_path: Path) -> None:
 
 def test_qlora_with_zero3_and_misplaced_sections_are_refused(tmp_path: Path) -> None:
     both = MINIMAL + "sharding:\n  backend: qlora\n  zero3:\n    offload_optimizer: cpu\n"
-    with pytest.raises(ConfigError, match=r"cfg.yaml:\d+: sharding.zero3: QLoRA with ZeRO-3 .* not supported"):
+    with pytest.raises(
+        ConfigError, match=r"cfg.yaml:\d+: sharding.zero3: QLoRA with ZeRO-3 .* not supported"
+    ):
         load_config(write(tmp_path, both))
     stray = MINIMAL + "sharding:\n  qlora:\n    rank: 8\n"
-    with pytest.raises(ConfigError, match=r"sharding.qlora: settings for backend qlora, but backend is 'ddp'"):
+    with pytest.raises(
+        ConfigError, match=r"sharding.qlora: settings for backend qlora, but backend is 'ddp'"
+    ):
         load_config(write(tmp_path, stray))
     params_only = MINIMAL + "sharding:\n  backend: zero3\n  zero3:\n    offload_params: cpu\n"
     with pytest.raises(ConfigError, match=r"sharding.zero3.offload_params: cpu needs offload_optimizer"):
