@@ -12,17 +12,13 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from keeltune.config import Config
-from keeltune.sharding.model import decay_groups, enable_activation_checkpointing, load_causal_lm
+from keeltune.sharding.model import (
+    autocast_dtype,
+    decay_groups,
+    enable_activation_checkpointing,
+    load_causal_lm,
+)
 from keeltune.sharding.parallel import ParallelEnv
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where asked, or on ``auto`` where the device computes bf16 natively (CUDA)."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 class DDPBackend:

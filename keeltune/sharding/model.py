@@ -16,12 +16,10 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def causal_lm_config(path: str, *, dropout: float | None = None) -> Any:
+    """The model's config; ``dropout`` overrides its attention/hidden dropout (whatever this architecture calls it)."""
+    from transformers import AutoConfig
 
-    hf_logging.disable_progress_bar()
     model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     if dropout is not None:
         for key in (
@@ -34,9 +32,31 @@ def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtyp
         ):
             if hasattr(model_config, key):
                 setattr(model_config, key, dropout)
+    return model_config
+
+
+def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(
-        path, config=model_config, dtype=dtype, local_files_only=True, use_safetensors=True
+        path,
+        config=causal_lm_config(path, dropout=dropout),
+        dtype=dtype,
+        local_files_only=True,
+        use_safetensors=True,
     )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where asked, or on ``auto`` where the device computes bf16 natively (CUDA); None: fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -44,7 +64,8 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the real shape aside
+            (decay if len(shape) >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -16,7 +16,7 @@ pytestmark = [
 
 
 def test_cuda_run_uses_bf16_and_learns(assets: dict, tmp_path: Path) -> None:
-    from keeltune.sharding.ddp import autocast_dtype
+    from keeltune.sharding.model import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     config = base_config(assets, tmp_path / "runs", training={"max_steps": 8, "warmup_steps": 1})
