@@ -16,8 +16,18 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own."""
+def load_causal_lm(
+    path: str,
+    *,
+    dropout: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: Any | None = None,
+    device: torch.device | None = None,
+) -> Any:
+    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own.
+
+    With ``quantization`` (a transformers quantization config) the weights are quantized while loading, straight
+    onto ``device`` (default CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -34,8 +44,11 @@ def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtyp
         ):
             if hasattr(model_config, key):
                 setattr(model_config, key, dropout)
+    placement = {}
+    if quantization is not None:
+        placement = {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
     return AutoModelForCausalLM.from_pretrained(
-        path, config=model_config, dtype=dtype, local_files_only=True, use_safetensors=True
+        path, config=model_config, dtype=dtype, local_files_only=True, use_safetensors=True, **placement
     )
 
 
