@@ -82,7 +82,11 @@ def lora_config(cfg: QLoraConfig) -> Any:
 
     targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
     )
 
 
@@ -107,17 +111,20 @@ def load_adapter_file(model: torch.nn.Module, path: Path) -> None:
             param.copy_(saved[name])
 
 
-def _dequantized(layer: Any) -> torch.Tensor:
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+def _linear_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a fresh fp32 tensor, dequantized when it is 4-bit."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.weight.detach().float().clone()
 
 
 def _merged_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """The base's tensors under Hugging Face's names, 4-bit weights dequantized with the LoRA deltas added."""
     from peft.tuners.lora import LoraLayer
 
-    if isinstance(module, LoraLayer) or isinstance(module, bnb.nn.Linear4bit):
+    if isinstance(module, (LoraLayer, bnb.nn.Linear4bit)):
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        weight = _dequantized(base) if isinstance(base, bnb.nn.Linear4bit) else base.weight.detach().float().clone()
+        weight = _linear_weight(base)
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 weight += module.get_delta_weight(adapter).float()
