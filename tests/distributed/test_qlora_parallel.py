@@ -4,6 +4,8 @@ batch; the ranks read different samples but end with identical adapters; the run
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from keeltune.config import config_from_dict
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
-from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+from tests.conftest import REPO, base_config, keeltune, read_metrics, train_losses, write_config
 
 STEPS = 4
 
@@ -97,3 +99,28 @@ def test_export_merges_the_adapters_into_a_plain_transformers_folder(
     )
     for name in final:
         assert torch.equal(merged[name], final[name]), name
+
+
+def test_ranks_get_different_gradients_and_keep_identical_adapters(assets: dict, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", _run_config(assets, tmp_path, "ranks"))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "tests.distributed.qlora_ranks", str(config), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    local = [name for name in rank0 if name.startswith("local_grad.")]
+    synced = [name for name in rank0 if name.startswith("synced_grad.")]
+    weights = [name for name in rank0 if name.startswith("weight.")]
+    assert local and synced and weights and all("lora_" in name for name in weights)
+    # before the all-reduce each rank's gradient comes from its own samples ...
+    assert all(not torch.equal(rank0[name], rank1[name]) for name in local if rank0[name].abs().max() > 0)
+    # ... after it, and in the weights the optimizer makes from it, the ranks agree bit for bit
+    for name in synced + weights:
+        assert torch.equal(rank0[name], rank1[name]), name
