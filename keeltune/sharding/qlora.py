@@ -7,8 +7,10 @@ gradients are all-reduced and only they (with their optimizer state) go into che
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -140,21 +143,64 @@ def _merged_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
         yield from _merged_tensors(child, f"{prefix}{name}.")
 
 
-def write_merged(model: Any, folder: Path, base_path: str, dtype: torch.dtype) -> None:
-    """A plain Hugging Face folder (no quantization_config): the base dequantized to ``dtype`` (fp32, or bf16
-    when the 4-bit layers compute in bf16) with the adapters merged in. Layers are dequantized one at a time,
-    so the peak is the 4-bit model plus the merged weights being written."""
+def _tied_duplicates(module: torch.nn.Module) -> set[str]:
+    """Names under which an already named parameter appears again (tied weights): stored once, as transformers
+    does."""
+    first: set[int] = set()
+    duplicates = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            duplicates.add(name)
+        first.add(id(param))
+    return duplicates
+
+
+def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive groups of at most ``max_bytes`` (a bigger tensor makes a group of its own)."""
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in tensors:
+        if shard and size + tensor.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += tensor.nbytes
+    yield shard
+
+
+def write_merged(
+    model: Any, folder: Path, base_path: str, dtype: torch.dtype, *, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
+    """A plain Hugging Face folder (no quantization_config): the base dequantized to ``dtype`` with the adapters
+    merged in. Layers are dequantized one at a time and written in safetensors shards as these fill (with
+    transformers' index when there are several), so the peak is the 4-bit model plus one shard."""
     from transformers import AutoConfig
 
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in _merged_tensors(model.get_base_model()):
-        if tensor.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+    skip = _tied_duplicates(model.get_base_model())
+    tensors = (
+        (name, tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous())
+        for name, tensor in _merged_tensors(model.get_base_model())
+        if name not in skip
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    written: list[list[str]] = []
+    total = 0
+    for shard in _shards(tensors, max_shard_bytes):
+        save_file(shard, str(folder / f".shard-{len(written)}"), metadata={"format": "pt"})
+        written.append(list(shard))
+        total += sum(t.nbytes for t in shard.values())
+    if len(written) == 1:
+        os.replace(folder / ".shard-0", folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for index, names in enumerate(written):
+            file = f"model-{index + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(folder / f".shard-{index}", folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        index_file = folder / "model.safetensors.index.json"
+        index_file.write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     model_config = AutoConfig.from_pretrained(base_path, local_files_only=True)
     model_config.dtype = dtype
     model_config.save_pretrained(folder)
@@ -238,7 +284,11 @@ class QLoraBackend:
         self.optimizer.load_state_dict(state)
 
     def export(self, folder: Path) -> None:
-        """The merged model in ``folder`` (see ``write_merged``) and the adapter in ``folder / "adapter"``."""
+        """The merged model in ``folder`` and the adapter in ``folder / "adapter"``.
+
+        Merged means dequantized: fp32, or bf16 when the 4-bit layers compute in bf16. Merging into 4-bit
+        weights would re-quantize them and round away much of the small LoRA deltas; a plain folder also loads
+        anywhere, without bitsandbytes. Who wants the 4-bit base takes the adapter folder."""
         if self.parallel.is_main:
             write_merged(self.model, folder, self.base_path, self.compute_dtype)
             write_adapter(self.model, folder / ADAPTER_DIR)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from keeltune.config import config_from_dict
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.parallel import ParallelEnv
-from keeltune.sharding.qlora import QLoraBackend, export_qlora_checkpoint, lora_config
+from keeltune.sharding.qlora import QLoraBackend, export_qlora_checkpoint, lora_config, write_merged
 from tests.conftest import base_config
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -192,6 +192,13 @@ def test_merged_export_loads_in_transformers_with_the_adapter_models_logits(
     print(f"merged vs 4-bit + adapter: max logit difference {difference:.2e}")
     assert difference < 1e-4
 
+    sharded = tmp_path / "sharded"
+    write_merged(backend.model, sharded, config.model.path, torch.float32, max_shard_bytes=64 * 1024)
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(sharded).eval()(input_ids=ids, use_cache=False).logits
+    assert float((logits - expected).abs().max()) < 1e-4
+
     # the offline export of a checkpoint writes the same merged weights, and the adapter
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -206,3 +213,21 @@ def test_merged_export_loads_in_transformers_with_the_adapter_models_logits(
     assert online.keys() == offline.keys()
     for name in online:
         assert torch.equal(online[name], offline[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(assets: dict, tmp_path: Path) -> None:
+    ids, mask = _batch()
+    plain = _gradients_after_eval(_backend(assets, tmp_path), ids, mask)
+    raw = base_config(
+        assets,
+        tmp_path,
+        model={"path": str(assets["model"]), "gradient_checkpointing": True},
+        sharding={"backend": "qlora", "qlora": {"dropout": 0.0}},
+    )
+    torch.manual_seed(0)
+    backend = QLoraBackend(config_from_dict(raw), ParallelEnv())
+    assert backend.model.get_base_model().is_gradient_checkpointing
+    checkpointed = _gradients_after_eval(backend, ids, mask)
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
