@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keeltune.config import config_from_dict
+from keeltune.config import Config, config_from_dict
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.qlora import QLoraBackend, export_qlora_checkpoint, lora_config, write_merged
@@ -19,7 +19,7 @@ from tests.conftest import base_config
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _config(assets: dict, tmp_path: Path, **qlora):
+def _config(assets: dict, tmp_path: Path, **qlora) -> Config:
     raw = base_config(assets, tmp_path, sharding={"backend": "qlora", "qlora": {"dropout": 0.0, **qlora}})
     return config_from_dict(raw)
 
@@ -71,7 +71,9 @@ def test_only_lora_trains_on_a_4bit_base(assets: dict, tmp_path: Path) -> None:
     print(f"4-bit / bf16 bytes of the linear weights: {bytes_4bit / bytes_bf16:.4f}")
 
 
-def _reference_grads(backend: QLoraBackend, config, assets: dict, ids: torch.Tensor, mask: torch.Tensor):
+def _reference_grads(
+    backend: QLoraBackend, config: Config, assets: dict, ids: torch.Tensor, mask: torch.Tensor
+):
     """The same LoRA weights on an fp32 copy of the base whose linear weights are the dequantized 4-bit ones."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
