@@ -35,18 +35,32 @@ def causal_lm_config(path: str, *, dropout: float | None = None) -> Any:
     return model_config
 
 
-def load_causal_lm(path: str, *, dropout: float | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own."""
+def load_causal_lm(
+    path: str,
+    *,
+    dropout: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: Any | None = None,
+    device: torch.device | None = None,
+) -> Any:
+    """A model from a local folder, weights read as safetensors; ``dropout`` overrides the model's own.
+
+    With ``quantization`` (a transformers quantization config) the weights are quantized while loading, straight
+    onto ``device`` (default CPU)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    placement = {}
+    if quantization is not None:
+        placement = {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
     return AutoModelForCausalLM.from_pretrained(
         path,
         config=causal_lm_config(path, dropout=dropout),
         dtype=dtype,
         local_files_only=True,
         use_safetensors=True,
+        **placement,
     )
 
 

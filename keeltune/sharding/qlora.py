@@ -1,0 +1,310 @@
+"""QLoRA: a frozen 4-bit base (bitsandbytes) with LoRA adapters (peft), data parallel over ranks.
+
+Every rank holds the whole 4-bit base (about 0.3x its bf16 size); only the adapters train, so only their
+gradients are all-reduced and only they (with their optimizer state) go into checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from keeltune.config import Config, QLoraConfig
+from keeltune.sharding.model import autocast_dtype, decay_groups, load_causal_lm
+from keeltune.sharding.parallel import ParallelEnv
+
+# bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is fine.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import bitsandbytes as bnb  # noqa: E402
+
+ADAPTER_FILE = "adapter.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the 4-bit layers compute in: ``auto`` is bf16 on a CUDA device with bf16, else fp32."""
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for inference on CPUs with avx512_bf16.
+
+    Otherwise any eval-mode forward under no_grad repacks them, and later training goes through a kernel without
+    autograd: gradients through the 4-bit layers are silently dropped."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def build_lora_model(config: Config, device: torch.device) -> Any:
+    """The 4-bit base from ``model.path`` with fresh LoRA adapters; only ``lora_`` parameters train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    cfg = config.sharding.qlora
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype, device),
+    )
+    base = load_causal_lm(
+        config.model.path, dropout=config.regularization.dropout, quantization=quantization, device=device
+    )
+    keep_training_layout(base)
+    base = prepare_model_for_kbit_training(
+        base,
+        use_gradient_checkpointing=config.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    model = get_peft_model(base, lora_config(cfg))
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def lora_config(cfg: QLoraConfig) -> Any:
+    from peft import LoraConfig
+
+    targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_file(model: torch.nn.Module, path: Path) -> None:
+    """Copy the adapter weights ``save`` wrote into ``model``; refuse a file whose names or shapes differ."""
+    saved = load_file(str(path))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    misshaped = sorted(n for n in params.keys() & saved.keys() if params[n].shape != saved[n].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{path}: adapter weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"other shape {misshaped[:5]}); was it written with other sharding.qlora settings (rank, "
+            "target_modules) or another base model?"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def _linear_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a fresh fp32 tensor, dequantized when it is 4-bit."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.weight.detach().float().clone()
+
+
+def _merged_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's tensors under Hugging Face's names, 4-bit weights dequantized with the LoRA deltas added."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, (LoraLayer, bnb.nn.Linear4bit)):
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        weight = _linear_weight(base)
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).float()
+        yield prefix + "weight", weight
+        if base.bias is not None:
+            yield prefix + "bias", base.bias.detach()
+        return
+    yield from ((prefix + name, p.detach()) for name, p in module.named_parameters(recurse=False))
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield prefix + name, buffer
+    for name, child in module.named_children():
+        yield from _merged_tensors(child, f"{prefix}{name}.")
+
+
+def _tied_duplicates(module: torch.nn.Module) -> set[str]:
+    """Names under which an already named parameter appears again (tied weights): stored once, as transformers
+    does."""
+    first: set[int] = set()
+    duplicates = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            duplicates.add(name)
+        first.add(id(param))
+    return duplicates
+
+
+def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive groups of at most ``max_bytes`` (a bigger tensor makes a group of its own)."""
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in tensors:
+        if shard and size + tensor.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += tensor.nbytes
+    yield shard
+
+
+def write_merged(
+    model: Any, folder: Path, base_path: str, dtype: torch.dtype, *, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
+    """A plain Hugging Face folder (no quantization_config): the base dequantized to ``dtype`` with the adapters
+    merged in. Layers are dequantized one at a time and written in safetensors shards as these fill (with
+    transformers' index when there are several), so the peak is the 4-bit model plus one shard."""
+    from transformers import AutoConfig
+
+    skip = _tied_duplicates(model.get_base_model())
+    tensors = (
+        (name, tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous())
+        for name, tensor in _merged_tensors(model.get_base_model())
+        if name not in skip
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[list[str]] = []
+    total = 0
+    for shard in _shards(tensors, max_shard_bytes):
+        save_file(shard, str(folder / f".shard-{len(written)}"), metadata={"format": "pt"})
+        written.append(list(shard))
+        total += sum(t.nbytes for t in shard.values())
+    if len(written) == 1:
+        os.replace(folder / ".shard-0", folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for index, names in enumerate(written):
+            file = f"model-{index + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(folder / f".shard-{index}", folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        index_file = folder / "model.safetensors.index.json"
+        index_file.write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
+    model_config = AutoConfig.from_pretrained(base_path, local_files_only=True)
+    model_config.dtype = dtype
+    model_config.save_pretrained(folder)
+
+
+def write_adapter(model: Any, folder: Path) -> None:
+    """The adapter as a peft folder (adapter_config.json + safetensors), loadable onto the base model."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+class QLoraBackend:
+    """4-bit frozen base + LoRA on every rank; DDP all-reduces the adapters' gradients."""
+
+    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+        self.parallel = parallel
+        self.grad_clip = config.training.grad_clip
+        self.base_path = config.model.path
+        self.compute_dtype = compute_dtype(config.sharding.qlora.compute_dtype, parallel.device)
+        self.model = build_lora_model(config, parallel.device)
+        self.wrapped: torch.nn.Module = self.model
+        if parallel.distributed:
+            device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, config.regularization.weight_decay),
+            lr=config.training.lr,
+            betas=tuple(config.training.betas),
+            eps=config.training.eps,
+        )
+        self.amp_dtype = autocast_dtype(config.training.precision, parallel.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.parallel.device.type, dtype=self.amp_dtype)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward_backward(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
+    ) -> torch.Tensor:
+        skip_sync = (
+            self.wrapped.no_sync()
+            if self.parallel.distributed and not sync_grads
+            else contextlib.nullcontext()
+        )
+        with skip_sync:
+            with self._autocast():
+                logits = self.wrapped(input_ids=input_ids, use_cache=False).logits
+            loss = loss_fn(logits.float())
+            loss.backward()
+        return loss.detach()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(input_ids=input_ids, use_cache=False).logits.float()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, folder: Path) -> None:
+        """Adapter weights and optimizer state only: the base is read again from ``model.path``."""
+        if self.parallel.is_main:
+            save_file(trainable_state(self.model), str(folder / ADAPTER_FILE))
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def load(self, folder: Path) -> None:
+        load_adapter_file(self.model, folder / ADAPTER_FILE)
+        state = torch.load(folder / OPTIMIZER_FILE, map_location=self.parallel.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def export(self, folder: Path) -> None:
+        """The merged model in ``folder`` and the adapter in ``folder / "adapter"``.
+
+        Merged means dequantized: fp32, or bf16 when the 4-bit layers compute in bf16. Merging into 4-bit
+        weights would re-quantize them and round away much of the small LoRA deltas; a plain folder also loads
+        anywhere, without bitsandbytes. Who wants the 4-bit base takes the adapter folder."""
+        if self.parallel.is_main:
+            write_merged(self.model, folder, self.base_path, self.compute_dtype)
+            write_adapter(self.model, folder / ADAPTER_DIR)
+
+
+def export_qlora_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: bool) -> list[Path]:
+    """A checkpoint's adapter as a peft folder in ``out``, and with ``merge`` the merged model in
+    ``out / "merged"``; one process, no process group. Returns the folders written."""
+    adapter_file = checkpoint / ADAPTER_FILE
+    if not adapter_file.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {ADAPTER_FILE} (is this a checkpoint of a qlora run?)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_lora_model(config, device)
+    load_adapter_file(model, adapter_file)
+    write_adapter(model, out)
+    if not merge:
+        return [out]
+    dtype = compute_dtype(config.sharding.qlora.compute_dtype, device)
+    write_merged(model, out / MERGED_DIR, config.model.path, dtype)
+    return [out, out / MERGED_DIR]

@@ -1,0 +1,126 @@
+"""QLoRA data parallel over 2 real gloo processes (the CLI, torch's launcher) equals 1 process on the same global
+batch; the ranks read different samples but end with identical adapters; the run exports and merges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from keeltune.config import config_from_dict
+from keeltune.data_pipeline.reader import PackedDataset, TrainStream
+from tests.conftest import REPO, base_config, keeltune, read_metrics, train_losses, write_config
+
+STEPS = 4
+
+
+def _run_config(assets: dict, tmp_path: Path, name: str) -> dict:
+    return base_config(
+        assets,
+        tmp_path / "runs",
+        run={"name": name, "root": str(tmp_path / "runs")},
+        training={
+            "max_steps": STEPS,
+            "warmup_steps": 1,
+            "checkpoint": {"every_steps": STEPS, "keep_last": 1},
+        },
+        eval={"every_steps": STEPS, "micro_batch_size": 4, "at_start": False},
+        sharding={"backend": "qlora", "qlora": {"rank": 4, "dropout": 0.0}},
+    )
+
+
+def _evals(run_dir: Path) -> dict[str, float]:
+    return next(r for r in read_metrics(run_dir) if "val/loss" in r)
+
+
+@pytest.fixture(scope="module")
+def runs(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The same QLoRA run on 1 and on 2 ranks."""
+    tmp_path = tmp_path_factory.mktemp("qlora_runs")
+    runs = {}
+    for nproc in (1, 2):
+        config = _run_config(assets, tmp_path, f"ranks{nproc}")
+        done = keeltune(
+            "train", str(write_config(tmp_path / f"cfg{nproc}.yaml", config)), "--nproc", str(nproc)
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[nproc] = tmp_path / "runs" / f"ranks{nproc}"
+    return runs
+
+
+def test_two_ranks_match_one_rank_on_different_samples(runs: dict[int, Path], assets: dict) -> None:
+    one, two = train_losses(runs[1]), train_losses(runs[2])
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    reference = load_file(runs[1] / "final" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(runs[2] / "final" / "adapter" / "adapter_model.safetensors")
+    assert reference.keys() == adapter.keys() and all("lora_" in name for name in adapter)
+    for name in reference:
+        assert torch.allclose(reference[name], adapter[name], atol=1e-5), name
+    # evaluation is sharded (rank 1 scores every second sample with its own replica): equal to one rank's
+    for key, value in _evals(runs[1]).items():
+        if key.endswith("/loss"):
+            assert abs(_evals(runs[2])[key] - value) < 1e-5, key
+    assert "[rank1/" in (runs[2] / "logs" / "rank1.log").read_text()
+
+    # the ranks read disjoint halves of every global batch (the stream the trainer reads, on the run's data)
+    run_config = config_from_dict(_run_config(assets, runs[2].parents[1], "ranks2"))
+    (_, _, folder), *_ = run_config.data.prepared_sets(runs[2])
+    dataset = PackedDataset(folder)
+    streams = [TrainStream([dataset], global_batch=8, rank=r, world_size=2, seed=0) for r in (0, 1)]
+    whole = TrainStream([dataset], global_batch=8, rank=0, world_size=1, seed=0)
+    for _ in range(STEPS):
+        shares = [stream.next_batch()[0] for stream in streams]
+        assert not set(shares[0]) & set(shares[1])
+        assert np.array_equal(np.concatenate(shares), whole.next_batch()[0])
+
+
+def test_export_merges_the_adapters_into_a_plain_transformers_folder(
+    runs: dict[int, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    done = keeltune("export", str(runs[2]), "--out", str(out), "--merge")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged_model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
+    merged, final = (
+        load_file(out / "merged" / "model.safetensors"),
+        load_file(runs[2] / "final" / "model.safetensors"),
+    )
+    for name in final:
+        assert torch.equal(merged[name], final[name]), name
+
+
+def test_ranks_get_different_gradients_and_keep_identical_adapters(assets: dict, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", _run_config(assets, tmp_path, "ranks"))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "tests.distributed.qlora_ranks", str(config), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    local = [name for name in rank0 if name.startswith("local_grad.")]
+    synced = [name for name in rank0 if name.startswith("synced_grad.")]
+    weights = [name for name in rank0 if name.startswith("weight.")]
+    assert local and synced and weights and all("lora_" in name for name in weights)
+    # before the all-reduce each rank's gradient comes from its own samples ...
+    assert all(not torch.equal(rank0[name], rank1[name]) for name in local if rank0[name].abs().max() > 0)
+    # ... after it, and in the weights the optimizer makes from it, the ranks agree bit for bit
+    for name in synced + weights:
+        assert torch.equal(rank0[name], rank1[name]), name
