@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,13 @@ DEEPSPEED_TAG = "zero"
 LAYOUT_FILE = "zero_layout.json"
 BUFFERS_FILE = "zero_buffers.safetensors"
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+# DeepSpeed 0.19 calls collectives that torch 2.13 renamed, with a warning on every call
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
 
 def partition_file(folder: Path, rank: int) -> Path:

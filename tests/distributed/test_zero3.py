@@ -1,0 +1,280 @@
+"""DeepSpeed ZeRO-3 for real over gloo processes: same numbers as plain data parallel, each rank holding half,
+exact resume after SIGKILL, two "nodes", streamed export that transformers loads, a Qwen2 model too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+
+STEPS = 6
+
+
+def zero3_config(assets: dict, root: Path, name: str, backend: str = "zero3") -> dict:
+    return base_config(
+        assets,
+        root,
+        run={"name": name, "root": str(root)},
+        training={
+            "max_steps": STEPS,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "checkpoint": {"every_steps": 3, "keep_last": 2},
+        },
+        eval={"every_steps": 3, "micro_batch_size": 4},
+        sharding={"backend": backend},
+    )
+
+
+def _train(cfg: Path, nproc: int) -> None:
+    done = keeltune("train", str(cfg), "--nproc", str(nproc))
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An uninterrupted 2-rank ZeRO-3 run and a 1-rank plain data-parallel run of the same config."""
+    root = tmp_path_factory.mktemp("zero3")
+    _train(write_config(root / "ddp.yaml", zero3_config(assets, root / "runs", "ddp", backend="ddp")), 1)
+    _train(write_config(root / "z3.yaml", zero3_config(assets, root / "runs", "z3")), 2)
+    return {"root": root, "ddp": root / "runs" / "ddp", "z3": root / "runs" / "z3"}
+
+
+def test_two_rank_zero3_equals_one_rank_data_parallel(runs: dict[str, Path]) -> None:
+    ddp, z3 = read_metrics(runs["ddp"]), read_metrics(runs["z3"])
+    assert [sorted(r) for r in ddp] == [sorted(r) for r in z3]
+    for expected, got in zip(ddp, z3, strict=True):
+        for key, value in expected.items():
+            if "loss" in key:
+                assert abs(got[key] - value) < 1e-5, (expected["step"], key, got[key], value)
+    losses = train_losses(runs["z3"])
+    assert losses[STEPS] < losses[1]  # it learns
+    reference, weights = (
+        load_file(runs["ddp"] / "final" / "model.safetensors"),
+        load_file(runs["z3"] / "final" / "model.safetensors"),
+    )
+    assert reference.keys() == weights.keys()
+    for name in reference:
+        assert torch.allclose(weights[name], reference[name], atol=1e-4, rtol=0), name
+    rank1 = (runs["z3"] / "logs" / "rank1.log").read_text()
+    assert "[rank1/" in rank1
+
+
+def _val_loss_with_transformers(run_dir: Path, model_dir: Path) -> float:
+    """The run's validation loss recomputed by plain transformers on an exported folder."""
+    from transformers import AutoModelForCausalLM
+
+    from keeltune.data_pipeline.reader import PackedDataset
+    from keeltune.eval.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    val = next((run_dir / "data").glob("val-*"))
+    result = evaluate(
+        lambda ids: model(input_ids=ids, use_cache=False).logits,
+        PackedDataset(val),
+        rank=0,
+        world_size=1,
+        all_reduce_sum=lambda t: t,
+        micro_batch_size=4,
+        device=torch.device("cpu"),
+    )
+    return result.loss
+
+
+def test_export_streams_a_folder_transformers_loads_with_the_engines_outputs(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "export"
+    done = keeltune("export", str(runs["z3"]), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"step {STEPS}" in done.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    exported, final = (
+        load_file(out / "model.safetensors"),
+        load_file(runs["z3"] / "final" / "model.safetensors"),
+    )
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # checkpoint and end-of-run export agree
+    engine_loss = [r["val/loss"] for r in read_metrics(runs["z3"]) if "val/loss" in r][-1]
+    assert abs(_val_loss_with_transformers(runs["z3"], out) - engine_loss) < 1e-5
+    earlier = keeltune("export", str(runs["z3"]), "--checkpoint", "3", "--out", str(tmp_path / "step3"))
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    step3 = load_file(tmp_path / "step3" / "model.safetensors")
+    assert any(not torch.equal(step3[k], final[k]) for k in final)  # --checkpoint picks the earlier weights
+    missing = keeltune("export", str(runs["z3"]), "--checkpoint", "5", "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "complete checkpoints: [3, 6]" in missing.stderr
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "training ended before the checkpoint appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_sigkill_after_a_checkpoint_resumes_exactly_and_other_rank_counts_are_refused(
+    assets: dict, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", zero3_config(assets, tmp_path / "runs", "killed"))
+    run_dir = tmp_path / "runs" / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keeltune.cli", "train", str(cfg), "--nproc", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _wait_for(run_dir / "checkpoints" / "step_0000003" / "trainer_state.json", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "checkpoints" / "step_0000006").exists()
+    refused = keeltune("train", str(cfg), "--nproc", "1")
+    assert refused.returncode == 2
+    assert "written by 2 rank(s)" in refused.stderr and "resume with 2 rank(s)" in refused.stderr
+    _train(cfg, 2)
+    expected, got = train_losses(runs["z3"]), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(4, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    reference, weights = (
+        load_file(runs["z3"] / "final" / "model.safetensors"),
+        load_file(run_dir / "final" / "model.safetensors"),
+    )
+    for name in reference:
+        assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_one_rank_each_equal_two_local_ranks(
+    assets: dict, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from keeltune.config import load_config
+    from keeltune.launcher.run_dir import prepare_run_dir
+
+    cfg = write_config(tmp_path / "cfg.yaml", zero3_config(assets, tmp_path / "runs", "nodes"))
+    run_dir, _ = prepare_run_dir(load_config(cfg))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    logs = [open(tmp_path / f"node{rank}.err", "w") for rank in (0, 1)]  # noqa: SIM115 (closed below)
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={rank}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=keeltune",
+                "-m",
+                "keeltune.launcher.entry",
+                str(run_dir),
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=logs[rank],
+        )
+        for rank in (0, 1)
+    ]
+    for rank, node in enumerate(nodes):
+        node.wait(timeout=300)
+        logs[rank].close()
+        assert node.returncode == 0, (tmp_path / f"node{rank}.err").read_text()[-3000:]
+    expected, got = train_losses(runs["z3"]), train_losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+
+
+def test_each_rank_holds_half_and_loading_never_materialises_the_model(tmp_path: Path, assets: dict) -> None:
+    """A ~220 MB model over 2 ranks: each rank's parameter partition is half, and loading it costs each rank
+    well under the model's size in resident memory (the full model on every rank would be >= 1.0x)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "big")
+    cfg = zero3_config(assets, tmp_path / "runs", "big")
+    cfg["model"] = {"path": str(tmp_path / "big"), "tokenizer": str(assets["model"])}
+    probe = Path(__file__).with_name("zero3_probe.py")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(probe),
+            str(write_config(tmp_path / "big.yaml", cfg)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [
+        json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if "ZERO3_PROBE" in line
+    ]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert 200e6 < report["model_bytes"] < 240e6
+        assert report["held"] / report["total"] <= 0.5 + 0.05
+        assert report["load_rss_growth"] < 0.75 * report["model_bytes"], report
+    assert sum(r["held"] for r in reports) >= reports[0]["total"]  # together they hold all of it
+
+
+def test_a_qwen2_model_trains_and_exports_under_zero3(assets: dict, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    cfg = zero3_config(assets, tmp_path / "runs", "qwen2")
+    cfg["model"] = {"path": str(tmp_path / "qwen2")}
+    cfg["training"].update(max_steps=3, checkpoint={"every_steps": 3, "keep_last": 1})
+    _train(write_config(tmp_path / "qwen2.yaml", cfg), 1)
+    run_dir = tmp_path / "runs" / "qwen2"
+    assert json.loads((run_dir / "final" / "config.json").read_text())["model_type"] == "qwen2"
+    engine_loss = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+    assert abs(_val_loss_with_transformers(run_dir, run_dir / "final") - engine_loss) < 1e-5
