@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
+        "--backend",
+        choices=("ddp", "zero3", "qlora"),
+        default="ddp",
+        help="how the fine-tune runs: ddp (default), zero3 (DeepSpeed ZeRO-3) or qlora (4-bit base + LoRA)",
+    )
+    demo.add_argument(
         "--root", type=Path, default=Path("runs"), help="where the demo's runs go (default: runs)"
     )
     demo.add_argument(
@@ -76,7 +82,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     accumulation = check_world_size(config, args.nproc)
     print(config.to_yaml(), end="")
     print(f"# {args.nproc} rank(s): gradient accumulation {accumulation}")
+    if config.sharding.backend == "zero3":
+        _print_deepspeed_config(config, args.nproc)
     return 0
+
+
+def _print_deepspeed_config(config, nproc: int) -> None:
+    """The DeepSpeed JSON keeltune generates, as comments (the output stays valid YAML)."""
+    import json
+
+    from keeltune.config import ConfigError
+    from keeltune.sharding.plan import deepspeed_config, model_hidden_size
+
+    try:
+        hidden = model_hidden_size(config.model.path)
+    except ConfigError as err:
+        print(f"# DeepSpeed config: not shown, its sizes come from the model's config.json ({err})")
+        return
+    bf16 = config.training.precision in ("bf16", "auto")
+    generated = deepspeed_config(config, nproc, bf16=bf16, hidden_size=hidden)
+    note = (
+        " (precision auto: bf16 on GPUs with bf16, fp32 elsewhere)"
+        if config.training.precision == "auto"
+        else ""
+    )
+    print(f"# DeepSpeed config generated for {nproc} rank(s){note}:")
+    print("\n".join(f"#   {line}" for line in json.dumps(generated, indent=2).splitlines()))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -170,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
-    run_demo(root=args.root, smoke=args.smoke, cache=args.cache)
+    run_demo(root=args.root, smoke=args.smoke, cache=args.cache, backend=args.backend)
     return 0
 
 

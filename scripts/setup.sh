@@ -23,6 +23,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   pip_quiet "torch==2.13.0"
   pip_quiet -r requirements-cpu.txt
   pip_quiet --no-deps -e .
+  # DeepSpeed compiles its ops on first use; build them once here (under a lock), not in every rank later
+  "$VENV/bin/python" -m keeltune.sharding.zero3 2>&1 | grep -v -e "Warning" -e "warn(" || true
   echo "$want" > "$STAMP"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

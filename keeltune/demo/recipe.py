@@ -54,6 +54,9 @@ class Recipe:
     pretrain: Schedule
     finetune: Schedule
     seed: int = 0
+    lora_lr_scale: float = (
+        4.0  # the fine-tune's lr times this under QLoRA (adapters start at zero; common practice)
+    )
     max_pretrain_ppl: float = 150.0  # hard check on the held-out ("retention") perplexity after pretraining
     eval_max_samples: int | None = None  # sequences per evaluation set; None evaluates them all
     chunk_chars: int | None = 3000  # general-corpus document size (see ``corpora.general_corpus``)

@@ -79,6 +79,7 @@ def phase_config(
     recipe: Recipe,
     train: dict[str, str],
     files: DemoFiles,
+    backend: str = "ddp",
 ) -> Config:
     """A keeltune config for one demo phase (validated like any YAML config)."""
     data: dict[str, Any] = {
@@ -97,7 +98,7 @@ def phase_config(
                 "max_steps": schedule.steps,
                 "global_batch_size": schedule.batch_size,
                 "micro_batch_size": schedule.micro_batch_size,
-                "lr": schedule.lr,
+                "lr": schedule.lr * (recipe.lora_lr_scale if backend == "qlora" else 1.0),
                 "warmup_steps": schedule.warmup_steps,
                 "min_lr_ratio": schedule.min_lr_ratio,
                 "grad_clip": schedule.grad_clip,
@@ -105,6 +106,7 @@ def phase_config(
                 "seed": recipe.seed,
                 "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
             },
+            "sharding": {"backend": backend},
             "regularization": {"weight_decay": schedule.weight_decay},
             "eval": {
                 "every_steps": schedule.eval_every,
@@ -209,8 +211,11 @@ def plot_curves(run_dir: Path, out: Path) -> Path:
     return out
 
 
-def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> dict[str, Any]:
-    """Run the whole demo and print its summary; returns the numbers shown."""
+def run_demo(
+    *, root: Path, smoke: bool = False, cache: Path | None = None, backend: str = "ddp"
+) -> dict[str, Any]:
+    """Run the whole demo and print its summary; returns the numbers shown. ``backend`` is the fine-tune's
+    (the base is always pretrained with plain data parallel, and cached)."""
     console = Console(stderr=False)
     recipe = SMOKE if smoke else DEFAULT
     label = "demo-smoke" if smoke else "demo"
@@ -220,8 +225,10 @@ def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> d
     files = write_datasets(root / f"{label}-data")
     base, base_info = ensure_base(recipe, files, root, cache, console)
 
-    console.print("[bold]2/2 fine-tuning[/] on standard-library Q&A, evaluating retention on held-out docs")
-    finetune_name = f"{label}-finetune"
+    console.print(
+        f"[bold]2/2 fine-tuning[/] ({backend}) on standard-library Q&A, evaluating retention on held-out docs"
+    )
+    finetune_name = f"{label}-finetune" + ("" if backend == "ddp" else f"-{backend}")
     shutil.rmtree(root / finetune_name, ignore_errors=True)  # each demo shows a fresh fine-tune
     config = phase_config(
         finetune_name,
@@ -231,6 +238,7 @@ def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> d
         recipe,
         {"name": "stdlib-qa", "path": str(files.task_train), "format": "instruction"},
         files,
+        backend,
     )
     summary = train(config)
     plot = plot_curves(summary.run_dir, summary.run_dir / "curves.png")
@@ -242,6 +250,7 @@ def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> d
         "retention_ppl_after": after["retention/python-docs/ppl"],
         "forgetting_pct": after["retention/python-docs/forgetting_pct"],
         "tokens_per_s": summary.tokens_per_s,
+        "backend": backend,
         "base": str(base),
         "base_cached": base_info["cached"],
         "run_dir": str(summary.run_dir),
@@ -256,7 +265,7 @@ def run_demo(*, root: Path, smoke: bool = False, cache: Path | None = None) -> d
 
 
 def _print_summary(console: Console, r: dict[str, Any], base_info: dict[str, Any]) -> None:
-    table = Table(title="keeltune demo: fine-tuning a tiny base on standard-library Q&A")
+    table = Table(title=f"keeltune demo: fine-tuning a tiny base on standard-library Q&A ({r['backend']})")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

@@ -32,3 +32,17 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
     again = json.loads((run_dir / "demo_summary.json").read_text())
     assert again["base_cached"] is True
     assert again["retention_ppl_before"] == summary["retention_ppl_before"]  # same base, same baseline
+
+    for backend in ("zero3", "qlora"):  # the same demo through the other backends, from the cached base
+        other = keeltune(*args, "--backend", backend, timeout=600)
+        assert other.returncode == 0, other.stderr[-3000:]
+        assert f"({backend})" in other.stdout and "reused from cache" in other.stdout
+        result = json.loads(
+            (tmp_path / "runs" / f"demo-smoke-finetune-{backend}" / "demo_summary.json").read_text()
+        )
+        assert result["backend"] == backend
+        assert result["task_loss_after"] < result["task_loss_before"]
+        if backend == "zero3":  # the same fp32 base, partitioned: the same baseline
+            assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) < 1e-5
+        else:  # the 4-bit base is close to, not equal to, the fp32 one
+            assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) < 0.02
