@@ -19,6 +19,28 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resource_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, help="override slurm.nodes")
+    parser.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
+    for option in ("partition", "time", "account", "qos"):
+        parser.add_argument(f"--{option}", help=f"override slurm.{option}")
+
+
+def _load_with_resources(args: argparse.Namespace):
+    """The config with the command line's Slurm resources applied, checked for its world size and paths."""
+    from keeltune.config import check_paths, check_world_size, load_config
+
+    overrides = list(args.overrides)
+    for key in ("nodes", "gpus_per_node", "partition", "time", "account", "qos"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"slurm.{key}={value}")
+    config = load_config(args.config, overrides)
+    check_world_size(config, config.slurm.nodes * config.slurm.gpus_per_node)
+    check_paths(config)
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keeltune", description="Fine-tune LLMs without forgetting.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -43,10 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(sbatch)
     sbatch.add_argument("-o", "--output", type=Path, required=True, help="where to write the script")
-    sbatch.add_argument("--nodes", type=int, help="override slurm.nodes")
-    sbatch.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
-    for option in ("partition", "time", "account", "qos"):
-        sbatch.add_argument(f"--{option}", help=f"override slurm.{option}")
+    _add_resource_args(sbatch)
+
+    launch = verbs.add_parser(
+        "launch", help="validate, then submit the run to Slurm through submitit (or run it here with --local)"
+    )
+    _add_config_args(launch)
+    _add_resource_args(launch)
+    launch.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and a memory estimate"
+    )
+    launch.add_argument(
+        "--local", action="store_true", help="run the same job on this machine, without Slurm"
+    )
+    launch.add_argument("--wait", action="store_true", help="wait for the job to end and return its status")
+
+    status = verbs.add_parser("status", help="the state of a launched run (job, progress, W&B)")
+    status.add_argument("run", type=Path, help="run folder")
+    logs = verbs.add_parser("logs", help="print a rank's log of a launched run")
+    logs.add_argument("run", type=Path, help="run folder")
+    logs.add_argument("--rank", type=int, default=0, help="which rank (default 0)")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new lines until the job ends"
+    )
+    cancel = verbs.add_parser("cancel", help="cancel the latest job of a launched run")
+    cancel.add_argument("run", type=Path, help="run folder")
 
     export = verbs.add_parser(
         "export", help="write a run's checkpoint as a Hugging Face folder (safetensors, config, tokenizer)"
@@ -151,18 +194,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from keeltune.config import check_paths, check_world_size, load_config
     from keeltune.launcher.run_dir import prepare_run_dir
     from keeltune.launcher.sbatch import render_sbatch
 
-    overrides = list(args.overrides)
-    for key in ("nodes", "gpus_per_node", "partition", "time", "account", "qos"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"slurm.{key}={value}")
-    config = load_config(args.config, overrides)
-    check_world_size(config, config.slurm.nodes * config.slurm.gpus_per_node)
-    check_paths(config)
+    config = _load_with_resources(args)
     run_dir, _ = prepare_run_dir(config)
     args.output.write_text(render_sbatch(config, run_dir))
     args.output.chmod(0o755)
@@ -170,6 +205,130 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {config.slurm.nodes} node(s) x {config.slurm.gpus_per_node} GPU(s), run folder {run_dir}"
     )
     print(f"submit with: sbatch {args.output}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from keeltune.data_pipeline.prepare import check_prepared_for_launch
+    from keeltune.launcher import submit
+    from keeltune.launcher.run_dir import prepare_run_dir
+    from keeltune.sharding.plan import estimate_gpu_memory
+
+    config = _load_with_resources(args)
+    ranks = config.slurm.nodes * config.slurm.gpus_per_node
+    for key, _, folder in config.data.prepared_sets(config.run_dir):  # before the job waits in a queue
+        print(f"data {key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
+    if args.dry_run:
+        memory = estimate_gpu_memory(config, ranks)
+        print(submit.dry_run_script(config, config.run_dir.resolve()), end="")
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in memory.items() if k != "total")
+        print(
+            f"# estimated memory per GPU ({config.sharding.backend}, {ranks} rank(s)): {memory['total']:.1f} GiB ({parts})"
+        )
+        if memory["total"] > 0.9 * config.slurm.gpu_memory_gb:
+            print(
+                f"# WARNING: that is more than 90% of slurm.gpu_memory_gb={config.slurm.gpu_memory_gb:g}: it will "
+                "likely not fit; use more GPUs (zero3), sharding.zero3.offload_optimizer: cpu, "
+                "model.gradient_checkpointing: true or a smaller micro_batch_size"
+            )
+        return 0
+    run_dir, checkpoint = prepare_run_dir(config)
+    run_id = submit.wandb_run_id(run_dir)
+    record, job = submit.submit(config, run_dir, local=args.local)
+    where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
+    print(
+        f"submitted job {record.job_id} ({record.cluster}, {config.slurm.nodes} node(s) x {config.slurm.gpus_per_node} rank(s)), {where}"
+    )
+    print(f"run folder   {run_dir}")
+    print(f"logs         {run_dir / 'logs'}/rank<R>.log  (keeltune logs {run_dir} --rank R --follow)")
+    print(f"job output   {record.folder}/")
+    wandb = config.logging.wandb
+    if wandb.mode == "disabled":
+        print("W&B          disabled")
+    else:
+        entity = wandb.entity or "<your entity>"
+        print(
+            f"W&B          run {run_id} in project {wandb.project} (mode {wandb.mode}): online "
+            f"https://wandb.ai/{entity}/{wandb.project}/runs/{run_id}, offline {run_dir / 'wandb'}"
+        )
+    if not args.wait:
+        return 0
+    try:
+        job.results()
+    except Exception as err:  # submitit re-raises the job's failure
+        print(f"job {record.job_id} failed: {str(err)[-2000:]}", file=sys.stderr)
+        for line in submit.dead_ranks(record):
+            print(line, file=sys.stderr)
+        return 1
+    print(f"job {record.job_id} finished")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from keeltune.config import load_config
+    from keeltune.launcher import submit
+    from keeltune.training.run_files import CONFIG_FILE, latest_checkpoint
+
+    record = submit.latest_record(args.run)
+    config = load_config(args.run / CONFIG_FILE)
+    state = submit.job_state(record)
+    print(
+        f"job          {record.job_id} ({record.cluster}): {state['state']}"
+        + (f", {state['reason']}" if state["reason"] not in ("", "None") else "")
+        + (f", elapsed {state['elapsed']}" if state["elapsed"] else "")
+        + (f", on {state['nodes']}" if state["nodes"] not in ("", "None assigned") else "")
+    )
+    for line in submit.dead_ranks(record):
+        print(f"failure      {line}")
+    print(f"progress     {submit.progress(args.run, config.training.max_steps)}")
+    checkpoint = latest_checkpoint(args.run)
+    print(f"checkpoint   {checkpoint.name if checkpoint else 'none yet'}")
+    print(f"launches     {len(submit.read_records(args.run))}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    from keeltune.launcher import submit
+
+    record = submit.latest_record(args.run)
+    path = submit.rank_logs(args.run, args.rank)
+    offset = 0
+    while True:
+        if path.is_file():
+            with open(path, errors="replace") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            print(chunk, end="", flush=True)
+        if not args.follow or submit.job_state(record)["state"] not in (
+            "RUNNING",
+            "PENDING",
+            "REQUEUED",
+            "UNKNOWN",
+            "",
+        ):
+            break
+        time.sleep(1.0)
+    if not path.is_file():
+        outputs = submit.task_output(record, args.rank)
+        if not outputs:
+            print(f"no log for rank {args.rank} yet ({path})", file=sys.stderr)
+            return 1
+        for output in outputs:
+            print(output.read_text(errors="replace"), end="")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from keeltune.launcher import submit
+
+    record = submit.latest_record(args.run)
+    submit.cancel(record)
+    print(
+        f"cancelled job {record.job_id} ({record.cluster}); resume later with keeltune launch (same config)"
+    )
     return 0
 
 
@@ -210,6 +369,10 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sbatch": cmd_sbatch,
+    "launch": cmd_launch,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
     "export": cmd_export,
     "demo": cmd_demo,
 }

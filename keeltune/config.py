@@ -213,6 +213,8 @@ class TrainingConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    collective_timeout_s: int = 600  # a rank that stops answering fails the job after this long
+    preflight_timeout_s: int = 120  # at start every rank must pass a checked barrier within this
     seed: int = 0
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -238,6 +240,10 @@ class TrainingConfig:
             raise ConfigError(f"training.betas: two numbers in [0, 1) expected, got {self.betas}")
         if self.grad_clip < 0:
             raise ConfigError("training.grad_clip: must be >= 0 (0 disables clipping)")
+        if self.collective_timeout_s < 10 or self.preflight_timeout_s < 1:
+            raise ConfigError(
+                "training.collective_timeout_s (>= 10) and training.preflight_timeout_s (>= 1): seconds, too small"
+            )
 
     def gradient_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step for ``world_size`` ranks; the global batch stays fixed."""
@@ -371,6 +377,11 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before training (module load, venv, ...)
     directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --constraint=a100
     env: list[str] = field(default_factory=list)  # KEY=VALUE exported in the job
+    max_requeues: int = (
+        3  # after a time limit or preemption the job checkpoints and requeues at most this often
+    )
+    signal_delay_s: int = 120  # Slurm signals the job this long before its time limit
+    gpu_memory_gb: float = 80.0  # per GPU, for the memory estimate of `keeltune launch --dry-run`
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -379,6 +390,10 @@ class SlurmConfig:
             raise ConfigError(f"slurm.time: {self.time!r} is not a Slurm time (e.g. 04:00:00 or 1-12:00:00)")
         if self.cpus_per_task < 0:
             raise ConfigError("slurm.cpus_per_task: must be >= 0")
+        if self.max_requeues < 0 or self.signal_delay_s < 0 or self.gpu_memory_gb <= 0:
+            raise ConfigError(
+                "slurm.max_requeues, slurm.signal_delay_s: must be >= 0; slurm.gpu_memory_gb: > 0"
+            )
         for i, line in enumerate(self.directives):
             if not line.startswith("--") or "\n" in line:
                 raise ConfigError(
@@ -447,6 +462,8 @@ RESUME_MUTABLE = (
     "eval",
     "slurm",
     "training.checkpoint",
+    "training.collective_timeout_s",
+    "training.preflight_timeout_s",
     "data.prepared_dir",  # the samples are checked by the reader state, wherever they are prepared
     "data.shard_samples",
     "data.prepare_workers",

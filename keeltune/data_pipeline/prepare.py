@@ -53,6 +53,35 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((payload + specials).encode()).hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def tokenizer_files_digest(folder: str | Path) -> str:
+    """A hash of a tokenizer folder's files: a check a login node makes without loading the tokenizer."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_prepared_for_launch(folder: Path, tokenizer_folder: str) -> str:
+    """Before a job is queued: a prepared set must have a known format and this tokenizer's files (the job
+    checks the full fingerprint and, lazily, the shard checksums). Returns "ready" or "to prepare in the job"."""
+    index = read_index(folder)
+    if index is None:
+        return "to prepare in the job"
+    check_index(folder, index, None)
+    recorded = index.get("tokenizer_files")
+    if recorded and recorded != tokenizer_files_digest(tokenizer_folder):
+        raise DataError(
+            f"{folder}: prepared with other tokenizer files than {tokenizer_folder}; run keeltune prepare CONFIG "
+            "again (or point model.tokenizer at the tokenizer it was prepared with)"
+        )
+    return "ready"
+
+
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.bin"
 
@@ -317,6 +346,7 @@ def prepare_source(
             "name": source.name,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "tokenizer_files": tokenizer_files_digest(getattr(tokenizer, "name_or_path", "")),
             "recipe": source_recipe,
             "dtype": dtype.name,
             **{f"num_{key}": value for key, value in counts.items()},

@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 from keeltune.training.run_files import CONFIG_FILE
+from keeltune.training.stop import StopRequest
+
+STOPPED_EXIT = 3  # stopped by a signal after checkpointing (resumable)
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -41,8 +45,13 @@ def set_threads(local_world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
-def train_rank(run_dir: Path):
-    """Join the ranks, build the trainer from the run folder's config, train, and clean up."""
+def train_rank(run_dir: Path, stop: StopRequest | None = None):
+    """Join the ranks, build the trainer from the run folder's config, train, and clean up.
+
+    With ``stop``, a signal makes every rank checkpoint at the next step boundary and return early. After a
+    time-limit warning (USR2) inside a Slurm job rank 0 requeues the job (at most ``slurm.max_requeues``
+    times), which resumes from that checkpoint; after TERM (cancel, or preemption that Slurm requeues itself)
+    it does not."""
     from keeltune.config import load_config
     from keeltune.sharding.parallel import ParallelEnv
     from keeltune.training.trainer import Trainer
@@ -50,15 +59,41 @@ def train_rank(run_dir: Path):
     config = load_config(run_dir / CONFIG_FILE)
     setup_logging(run_dir, int(os.environ.get("RANK", 0)))
     set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    parallel = ParallelEnv.from_environment()
+    parallel = ParallelEnv.from_environment(
+        config.training.collective_timeout_s, config.training.preflight_timeout_s
+    )
     trainer = None
     try:
         trainer = Trainer(config, parallel)
-        return trainer.fit()
+        summary = trainer.fit(stop)
     finally:
         if trainer is not None:
             trainer.close()
         parallel.close()
+    if summary.stopped and parallel.is_main and stop is not None and stop.requeue:
+        requeue_slurm_job(config.slurm.max_requeues)
+    return summary
+
+
+def requeue_slurm_job(max_requeues: int) -> bool:
+    """Put this Slurm job back in the queue (it resumes from the run's latest checkpoint); False outside Slurm
+    or once ``max_requeues`` is spent (Slurm counts restarts in SLURM_RESTART_COUNT)."""
+    log = logging.getLogger("keeltune")
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        log.error(
+            "not requeued: the job already ran %d time(s) after requeues (slurm.max_requeues=%d); "
+            "relaunch the same config to resume from the checkpoint",
+            restarts + 1,
+            max_requeues,
+        )
+        return False
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    log.warning("requeued job %s (requeue %d of at most %d)", job, restarts + 1, max_requeues)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     from keeltune.data_pipeline.prepare import DataError
 
     try:
-        train_rank(args.run_dir.resolve())
+        summary = train_rank(args.run_dir.resolve(), StopRequest().install())
     except (ConfigError, DataError) as err:
         logging.getLogger("keeltune").error("error: %s", err)
         return 2
-    return 0
+    return STOPPED_EXIT if summary.stopped else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -21,8 +22,9 @@ class ParallelEnv:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_environment(cls, timeout_s: float = 600.0) -> ParallelEnv:
-        """Read torch's launcher variables (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
+    def from_environment(cls, timeout_s: float = 600.0, preflight_timeout_s: float = 120.0) -> ParallelEnv:
+        """Read torch's launcher variables (RANK, WORLD_SIZE, LOCAL_RANK), join the process group (collectives
+        fail after ``timeout_s`` instead of hanging) and check that every rank answers (``preflight``)."""
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -36,7 +38,38 @@ class ParallelEnv:
                 backend="nccl" if device.type == "cuda" else "gloo",
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
-        return cls(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        parallel = cls(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        if world_size > 1:
+            parallel.preflight(preflight_timeout_s)
+        return parallel
+
+    def preflight(self, timeout_s: float) -> None:
+        """Every rank passes a checked barrier and a small all-reduce within ``timeout_s``; otherwise raise an
+        error that names the ranks that did not answer and where they run, instead of hanging."""
+        hosts = self.hosts()
+        group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        try:
+            dist.monitored_barrier(
+                group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True
+            )
+        except RuntimeError as err:
+            missing = sorted(int(r) for r in re.findall(r"\d+", str(err).split("failed to pass")[0]))
+            where = ", ".join(f"rank {r} on {hosts.get(r, 'an unknown node')}" for r in missing)
+            raise RuntimeError(
+                f"preflight: {where or 'some rank'} did not answer within {timeout_s:.0f} s "
+                f"(training.preflight_timeout_s); check that node, or its GPU, and relaunch ({err})"
+            ) from None
+        ones = torch.ones(1, device=self.device)
+        if int(self.all_reduce_sum(ones).item()) != self.world_size:
+            raise RuntimeError(f"preflight: an all-reduce over {self.world_size} ranks gave {ones.item()}")
+
+    def hosts(self) -> dict[int, str]:
+        """Which node each rank runs on, from Slurm's layout when known (no collective: it cannot hang)."""
+        nodelist, per_node = os.environ.get("SLURM_JOB_NODELIST", ""), os.environ.get("LOCAL_WORLD_SIZE")
+        names = _expand_nodelist(nodelist) if nodelist else []
+        if names and per_node and int(per_node) * len(names) == self.world_size:
+            return {rank: names[rank // int(per_node)] for rank in range(self.world_size)}
+        return {self.rank: self.node}
 
     @property
     def is_main(self) -> bool:
@@ -71,3 +104,17 @@ class ParallelEnv:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _expand_nodelist(nodelist: str) -> list[str]:
+    """``n[1-3,5],gpu7`` -> ``[n1, n2, n3, n5, gpu7]`` (Slurm's compact host list)."""
+    names = []
+    for prefix, ranges, single in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,]+)", nodelist):
+        if single:
+            names.append(single)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for number in range(int(first), int(last or first) + 1):
+                names.append(f"{prefix}{number:0{len(first)}d}")
+    return names

@@ -6,6 +6,7 @@ The DeepSpeed config is always generated from the typed config, never written by
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,63 @@ def deepspeed_config(config: Config, world_size: int, *, bf16: bool, hidden_size
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def model_shape(model_path: str) -> dict[str, int]:
+    """Parameter count (from the safetensors headers: no weights read) and sizes from ``config.json``."""
+    folder = Path(model_path)
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
+        else [folder / "model.safetensors"]
+    )
+    params = 0
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path: cannot read the safetensors header of {path}: {err}") from None
+        header.pop("__metadata__", None)
+        params += sum(math.prod(entry["shape"]) for entry in header.values())
+    data = json.loads((folder / "config.json").read_text())
+    data = data.get("text_config", data)
+    return {
+        "params": params,
+        "hidden": model_hidden_size(model_path),
+        "layers": int(data.get("num_hidden_layers") or data.get("n_layer") or 1),
+        "vocab": int(data.get("vocab_size") or 0),
+    }
+
+
+def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
+    """A rough per-GPU memory estimate in GiB, by part, for the chosen backend (bf16 compute assumed on GPU).
+
+    States: ddp 16 B/param (fp32 weights, gradients, AdamW); zero3 (2 + 2 + 12) B/param / ranks, the 12 on CPU
+    with optimizer offload, plus two layers gathered; qlora 0.55 B/param (NF4 with double quantization) plus
+    16 B per LoRA parameter. Activations per micro-batch: 34 B per token x hidden x layer (2 with activation
+    checkpointing, plus one layer's 34), and fp32 logits with their gradient (8 B per token x vocab)."""
+    shape = model_shape(config.model.path)
+    params, hidden, layers, vocab = shape["params"], shape["hidden"], shape["layers"], shape["vocab"]
+    backend, zero = config.sharding.backend, config.sharding.zero3
+    if backend == "zero3":
+        states = (4 + (0 if zero.offload_optimizer == "cpu" else 12)) * params / world_size
+        states += 2 * 2 * params / layers  # two layers' bf16 parameters gathered at a time
+    elif backend == "qlora":
+        lora = 2 * config.sharding.qlora.rank * hidden * 7 * layers  # ~7 adapted matrices per layer
+        states = 0.55 * params + 16 * lora
+    else:
+        states = 16.0 * params
+    tokens = config.training.micro_batch_size * config.data.seq_len
+    per_layer = 2 if config.model.gradient_checkpointing else 34
+    activations = tokens * hidden * (per_layer * layers + (34 if config.model.gradient_checkpointing else 0))
+    logits = 8.0 * tokens * vocab
+    gib = 1024**3
+    parts = {
+        "model and optimizer states": states / gib,
+        "activations": activations / gib,
+        "logits": logits / gib,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

@@ -14,11 +14,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from keeltune.config import WandbConfig
-from keeltune.training.run_files import METRICS_FILE
+from keeltune.training.run_files import METRICS_FILE, WANDB_ID_FILE
 
 log = logging.getLogger("keeltune")
 
-WANDB_ID_FILE = "wandb_run_id"
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 
 

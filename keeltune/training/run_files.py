@@ -10,6 +10,8 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 BASELINE_FILE = "baseline.json"
 FINAL_MODEL_DIR = "final"
+WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run folder, across resumes and requeues
+JOB_FILE = "jobs.json"  # what `keeltune launch` submitted, for status / logs / cancel
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 

@@ -27,6 +27,7 @@ from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
 from keeltune.training.run_files import BASELINE_FILE, FINAL_MODEL_DIR, latest_checkpoint
 from keeltune.training.schedule import lr_at
+from keeltune.training.stop import StopRequest
 
 log = logging.getLogger("keeltune")
 
@@ -42,6 +43,7 @@ class TrainSummary:
     tokens_per_s: float = 0.0
     final_model: Path | None = None
     wandb: str = "disabled"
+    stopped: str = ""  # why training stopped early (a signal) after checkpointing; "" when it finished
 
 
 def seed_everything(seed: int) -> None:
@@ -210,8 +212,18 @@ class Trainer:
         )
         log.info("checkpoint written: %s", path)
 
-    def fit(self) -> TrainSummary:
-        """Train to ``max_steps``, evaluating and checkpointing on the way; export the final model."""
+    def _stop_agreed(self, stop: StopRequest | None) -> bool:
+        """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
+        if stop is None:
+            return False
+        flag = torch.tensor([1.0 if stop.is_set() else 0.0], device=self.parallel.device)
+        return bool(self.parallel.all_reduce_sum(flag).item() > 0)
+
+    def fit(self, stop: StopRequest | None = None) -> TrainSummary:
+        """Train to ``max_steps``, evaluating and checkpointing on the way; export the final model.
+
+        When ``stop`` is set on any rank, all ranks checkpoint at the next step boundary and return early
+        (``summary.stopped`` says why); the next run resumes from that checkpoint."""
         cfg = self.config.training
         summary = TrainSummary(run_dir=self.run_dir, steps=cfg.max_steps, wandb=self.metrics.wandb_location)
         if self.eval_sets and self.config.eval.at_start and self.step == 0:
@@ -227,8 +239,15 @@ class Trainer:
                 if self.eval_sets and (self.step % self.config.eval.every_steps == 0 or last):
                     summary.last_eval = self.run_evals()
                     self.metrics.log(self.step, summary.last_eval)
-                if self.step % cfg.checkpoint.every_steps == 0 or last:
+                checkpointed = self.step % cfg.checkpoint.every_steps == 0 or last
+                if checkpointed:
                     self._checkpoint()
+                if not last and self._stop_agreed(stop):
+                    if not checkpointed:
+                        self._checkpoint()
+                    summary.stopped = stop.reason or "stop requested on another rank"
+                    log.warning("stopped at step %d after checkpointing (%s)", self.step, summary.stopped)
+                    return summary
         finally:
             self.progress.close()
         summary.tokens_per_s = self._tokens_done / self._train_seconds if self._train_seconds else 0.0

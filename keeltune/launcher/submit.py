@@ -1,0 +1,257 @@
+"""``keeltune launch`` on the login node (no torch): submit a run folder through submitit, to Slurm or to this
+machine, and keep a job record in the run folder for ``status``, ``logs`` and ``cancel``.
+
+submitit starts one task per GPU with ``srun`` (so no torch launcher inside the job, unlike the standalone
+sbatch script, which has one task per node running torch's launcher); every task runs ``job.TrainJob``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from keeltune.config import Config, ConfigError
+from keeltune.training.run_files import JOB_FILE, WANDB_ID_FILE
+
+SUBMITIT_DIR = "submitit"
+
+
+def timeout_minutes(limit: str) -> int:
+    """Slurm's time formats (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in whole minutes."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        total = int(days) * 1440 + hours * 60 + minutes + seconds / 60
+    elif len(parts) == 3:
+        total = parts[0] * 60 + parts[1] + parts[2] / 60
+    else:
+        total = parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
+    return max(1, int(round(total)))
+
+
+def _directives(config: Config) -> dict[str, Any]:
+    """``slurm.directives`` (``--constraint=a100``, ``--exclusive``) as submitit's additional parameters."""
+    extra: dict[str, Any] = {"requeue": True}
+    for directive in config.slurm.directives:
+        option, has_value, value = directive.removeprefix("--").partition("=")
+        extra[option.replace("-", "_")] = value if has_value else True
+    return extra
+
+
+def executor_for(config: Config, run_dir: Path, *, local: bool) -> Any:
+    """A submitit executor with the config's resources; ``local`` runs on this machine without Slurm."""
+    import shlex
+
+    import submitit
+
+    slurm = config.slurm
+    if local and slurm.nodes != 1:
+        raise ConfigError(
+            f"slurm.nodes: --local runs on this one machine; got {slurm.nodes} nodes (use --nodes 1)"
+        )
+    if not local and shutil.which("sbatch") is None:
+        raise ConfigError("no Slurm on this machine (sbatch not found); use --local to run the job here")
+    executor = submitit.AutoExecutor(
+        folder=run_dir / SUBMITIT_DIR / "%j", cluster="local" if local else "slurm"
+    )
+    executor.update_parameters(
+        name=slurm.job_name or config.run.name,
+        timeout_min=timeout_minutes(slurm.time),
+        nodes=slurm.nodes,
+        tasks_per_node=slurm.gpus_per_node,
+    )
+    if not local:
+        setup = [*slurm.setup]
+        setup += [
+            f"export {key}={shlex.quote(value)}" for key, _, value in (p.partition("=") for p in slurm.env)
+        ]
+        executor.update_parameters(
+            slurm_gpus_per_node=slurm.gpus_per_node,
+            slurm_partition=slurm.partition or None,
+            slurm_account=slurm.account or None,
+            slurm_qos=slurm.qos or None,
+            slurm_mem=slurm.mem or None,
+            slurm_cpus_per_task=slurm.cpus_per_task or None,
+            slurm_signal_delay_s=slurm.signal_delay_s,
+            slurm_setup=setup,
+            slurm_srun_args=["--kill-on-bad-exit=1"],  # one dead rank ends every rank, fast
+            slurm_additional_parameters=_directives(config),
+        )
+    return executor
+
+
+def dry_run_script(config: Config, run_dir: Path) -> str:
+    """The sbatch script submitit would submit for this run (nothing is submitted)."""
+    executor = executor_for(config, run_dir, local=False)
+    return executor._executor._make_submission_file_text(executor._executor._submitit_command_str, "dry-run")
+
+
+@dataclass
+class JobRecord:
+    """One submission of a run folder."""
+
+    job_id: str
+    cluster: str  # slurm | local
+    submitted: float
+    nodes: int
+    tasks_per_node: int
+    folder: str  # submitit's folder for this job (pickles, per-task stdout/stderr)
+
+
+def read_records(run_dir: Path) -> list[JobRecord]:
+    path = run_dir / JOB_FILE
+    if not path.is_file():
+        return []
+    return [JobRecord(**entry) for entry in json.loads(path.read_text())]
+
+
+def latest_record(run_dir: Path) -> JobRecord:
+    records = read_records(run_dir)
+    if not records:
+        raise ConfigError(f"{run_dir}: no job was launched from this run folder (no {JOB_FILE})")
+    return records[-1]
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder, fixed before the job starts so the launcher can print it."""
+    path = run_dir / WANDB_ID_FILE
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def submit(config: Config, run_dir: Path, *, local: bool) -> tuple[JobRecord, Any]:
+    """Submit ``run_dir`` (already holding its resolved config); returns the record and submitit's job."""
+    from keeltune.launcher.job import TrainJob
+
+    executor = executor_for(config, run_dir, local=local)
+    job = executor.submit(TrainJob(run_dir))
+    record = JobRecord(
+        job_id=str(job.job_id),
+        cluster="local" if local else "slurm",
+        submitted=round(time.time(), 3),
+        nodes=config.slurm.nodes,
+        tasks_per_node=config.slurm.gpus_per_node,
+        folder=str(run_dir / SUBMITIT_DIR / str(job.job_id)),
+    )
+    records = [*read_records(run_dir), record]
+    tmp = run_dir / f".{JOB_FILE}.tmp"
+    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
+    tmp.replace(run_dir / JOB_FILE)
+    return record, job
+
+
+# --------------------------------------------------------------------------- status, logs, cancel
+
+
+def slurm_state(job_id: str) -> dict[str, str]:
+    """State, elapsed time, nodes and reason of a Slurm job (accounting first, then the controller)."""
+    done = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,Elapsed,NodeList,Reason,ExitCode"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if line:
+        state, elapsed, nodes, reason, exit_code = (line.split("|") + [""] * 5)[:5]
+        return {
+            "state": state.split(" ")[0],
+            "elapsed": elapsed,
+            "nodes": nodes,
+            "reason": reason,
+            "exit": exit_code,
+        }
+    queue = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T|%M|%N|%r"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    state, elapsed, nodes, reason = (queue.stdout.strip().split("|") + [""] * 4)[:4]
+    return {"state": state or "UNKNOWN", "elapsed": elapsed, "nodes": nodes, "reason": reason, "exit": ""}
+
+
+def local_state(record: JobRecord) -> dict[str, str]:
+    """A local job: running while its tasks' processes live, else what its result files say."""
+    folder = Path(record.folder)
+    results = list(folder.glob("*_result.pkl"))
+    if len(results) >= record.tasks_per_node:
+        state = "COMPLETED"
+    elif any(folder.glob("*_log.err")) and not _local_alive(record):
+        state = "FAILED" if results or _errors_in(folder) else "STOPPED"
+    else:
+        state = "RUNNING" if _local_alive(record) else "UNKNOWN"
+    return {"state": state, "elapsed": "", "nodes": "localhost", "reason": "", "exit": ""}
+
+
+def _local_alive(record: JobRecord) -> bool:
+    try:
+        stat = Path(f"/proc/{int(record.job_id)}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}  # zombies are not alive
+
+
+def _errors_in(folder: Path) -> bool:
+    return any("Traceback" in path.read_text(errors="replace") for path in folder.glob("*_log.err"))
+
+
+def job_state(record: JobRecord) -> dict[str, str]:
+    return slurm_state(record.job_id) if record.cluster == "slurm" else local_state(record)
+
+
+def progress(run_dir: Path, max_steps: int) -> str:
+    """The last logged step and train loss from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    last: dict[str, Any] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if '"train/loss"' in line:
+                last = json.loads(line)
+    if not last:
+        return f"no training step logged yet (of {max_steps})"
+    return f"step {last['step']}/{max_steps}, train loss {last['train/loss']:.4f}"
+
+
+def cancel(record: JobRecord) -> None:
+    if record.cluster == "slurm":
+        subprocess.run(["scancel", record.job_id], check=True, timeout=30)
+        return
+    import os
+    import signal
+
+    if _local_alive(record):
+        os.killpg(os.getpgid(int(record.job_id)), signal.SIGTERM)
+
+
+def rank_logs(run_dir: Path, rank: int) -> Path:
+    """keeltune's own log of one rank (every line says rank and node)."""
+    return run_dir / "logs" / f"rank{rank}.log"
+
+
+def task_output(record: JobRecord, rank: int) -> list[Path]:
+    """submitit's stdout/stderr of the task that ran ``rank`` (tracebacks land there)."""
+    folder = Path(record.folder)
+    return sorted(p for p in folder.glob(f"*_{rank}_log.*") if re.search(r"_log\.(out|err)$", p.name))
+
+
+def dead_ranks(record: JobRecord) -> list[str]:
+    """Ranks that died, as srun reported them (``srun: error: n2: task 1: Killed``), and ranks that logged a
+    collective failure; one line each."""
+    found = []
+    for path in sorted(Path(record.folder).glob("*_log.err")):
+        text = path.read_text(errors="replace")
+        for node, task, what in re.findall(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)", text):
+            found.append(f"rank {task} on {node}: {what.strip()}")
+    return sorted(set(found))
