@@ -57,8 +57,7 @@ def test_partitions_join_exactly_whatever_the_rank_count(tmp_path: Path) -> None
 
 def test_export_of_a_220_mb_model_stays_within_a_few_tensors_of_memory(tmp_path: Path) -> None:
     """Peak RSS growth while exporting must stay under 0.3x the model (measured 0.18x, about three of its
-    largest tensors, each 0.05x): the
-    whole model in memory, what a full-state gather does, would be >= 1.0x."""
+    largest tensors, each 0.05x): the whole model in memory, what a full-state gather does, would be >= 1.0x."""
     torch.manual_seed(0)
     tensors = {f"layers.{i}.mlp.weight": torch.randn(2816, 1024) for i in range(19)}  # 19 x 11.5 MB
     model_bytes = sum(t.numel() * 4 for t in tensors.values())
