@@ -18,7 +18,9 @@ STOPPED_EXIT = 3  # stopped by a signal after checkpointing (resumable)
 
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Prefix every line with rank and node; rank 0 talks on the console, every rank writes its own log file."""
-    node = socket.gethostname()
+    node = (
+        os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    )  # Slurm's name for the node, when in a job
     formatter = logging.Formatter(f"%(asctime)s [rank{rank}/{node}] %(levelname)s %(message)s", "%H:%M:%S")
     logger = logging.getLogger("keeltune")
     logger.setLevel(logging.INFO)

@@ -81,7 +81,7 @@ class ParallelEnv:
 
     @property
     def node(self) -> str:
-        return socket.gethostname()
+        return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
     def barrier(self) -> None:
         if self.distributed:

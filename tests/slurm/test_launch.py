@@ -1,0 +1,168 @@
+"""``keeltune launch`` through submitit on the real local Slurm cluster: 1- and 2-node ZeRO-3 jobs, preemption
+through Slurm itself (USR2 -> checkpoint -> requeue -> exact resume), cancel, and a killed rank that fails the
+job fast with the rank named."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+from tests.slurm.conftest import LocalSlurm
+
+STEPS = 12
+
+
+def launch_config(assets: dict, root: Path, name: str, backend: str = "zero3", steps: int = STEPS) -> dict:
+    config = base_config(
+        assets,
+        root,
+        run={"name": name, "root": str(root)},
+        training={
+            "max_steps": steps,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "checkpoint": {"every_steps": 6, "keep_last": 1},
+        },
+        eval={"every_steps": 6, "micro_batch_size": 8},
+        sharding={"backend": backend},
+    )
+    config["slurm"] = {"time": "10", "mem": "3000M", "env": ["OMP_NUM_THREADS=1"], "max_requeues": 2}
+    return config
+
+
+def _job_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
+
+
+def _wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and any(
+            r.get("step", 0) >= step and "train/loss" in r for r in read_metrics(run_dir)
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir} never logged step {step}")
+
+
+@pytest.fixture(scope="module")
+def one_node(slurm_cluster: LocalSlurm, assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted ZeRO-3 job: 1 node, 2 ranks."""
+    root = tmp_path_factory.mktemp("launch")
+    cfg = write_config(root / "one.yaml", launch_config(assets, root / "runs", "one"))
+    done = keeltune("launch", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--wait", timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "submitted job" in done.stdout and "run folder" in done.stdout
+    run_dir = root / "runs" / "one"
+    slurm_cluster.wait_for_state(int(_job_id(run_dir)), {"COMPLETED"}, timeout=60)  # the batch script ends
+    return run_dir
+
+
+def test_a_one_node_job_finishes_and_its_checkpoint_exports(one_node: Path, tmp_path: Path) -> None:
+    assert sorted(train_losses(one_node)) == list(range(1, STEPS + 1))
+    status = keeltune("status", str(one_node))
+    assert (
+        status.returncode == 0 and "COMPLETED" in status.stdout and f"step {STEPS}/{STEPS}" in status.stdout
+    )
+    exported = keeltune("export", str(one_node), "--out", str(tmp_path / "model"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    logs = keeltune("logs", str(one_node), "--rank", "1")
+    assert "[rank1/n" in logs.stdout
+
+
+def test_usr2_from_slurm_checkpoints_requeues_and_resumes_exactly_on_two_nodes(
+    slurm_cluster: LocalSlurm, one_node: Path, assets: dict, tmp_path: Path
+) -> None:
+    cfg = launch_config(assets, tmp_path / "runs", "preempted")
+    cfg["logging"] = {"wandb": {"mode": "offline"}}
+    launched = keeltune(
+        "launch", str(write_config(tmp_path / "p.yaml", cfg)), "--nodes", "2", "--gpus-per-node", "1"
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "preempted"
+    job = _job_id(run_dir)
+    _wait_for_step(run_dir, 2)
+    slurm_cluster.run("scancel", "--signal=USR2", job)  # what Slurm sends before a time limit
+    slurm_cluster.wait_for_state(int(job), {"PENDING"}, timeout=120, source="squeue")  # requeued, held
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    state = slurm_cluster.wait_for_state(int(job), {"COMPLETED"}, timeout=300)
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert state == "COMPLETED", rank0[-3000:]
+    assert "received SIGUSR2" in rank0 and f"requeued job {job}" in rank0 and "resumed from" in rank0
+    expected, got = train_losses(one_node), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step repeated or skipped
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
+    final = f"checkpoints/step_{STEPS:07d}/trainer_state.json"
+    assert (
+        json.loads((run_dir / final).read_text())["data"]
+        == json.loads((one_node / final).read_text())["data"]
+    )
+    reference, weights = (
+        load_file(one_node / "final" / "model.safetensors"),
+        load_file(run_dir / "final" / "model.safetensors"),
+    )
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-6, rtol=0) for k in reference)
+    run_id = (run_dir / "wandb_run_id").read_text()
+    attempts = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(attempts) == 2  # both attempts logged to the same W&B run
+
+
+def _task_pid(job: str, rank: int) -> int:
+    """The process of one task (rank) of a job, found by its Slurm environment."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            b"submitit.core._submit" in cmdline
+            and f"SLURM_JOB_ID={job}".encode() in environ
+            and f"SLURM_PROCID={rank}".encode() in environ
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no process for rank {rank} of job {job}")
+
+
+def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
+    slurm_cluster: LocalSlurm, assets: dict, tmp_path: Path
+) -> None:
+    cfg = write_config(
+        tmp_path / "k.yaml", launch_config(assets, tmp_path / "runs", "killed", "ddp", steps=400)
+    )
+    assert keeltune("launch", str(cfg), "--nodes", "2", "--gpus-per-node", "1").returncode == 0
+    run_dir = tmp_path / "runs" / "killed"
+    job = _job_id(run_dir)
+    _wait_for_step(run_dir, 1)
+    killed_at = time.monotonic()
+    import os
+
+    os.kill(_task_pid(job, 1), signal.SIGKILL)
+    state = slurm_cluster.wait_for_state(int(job), {"FAILED"}, timeout=90)
+    assert state == "FAILED" and time.monotonic() - killed_at < 90
+    status = keeltune("status", str(run_dir))
+    assert "FAILED" in status.stdout and "rank 1 on n" in status.stdout, status.stdout
+
+    cfg = write_config(
+        tmp_path / "c.yaml", launch_config(assets, tmp_path / "runs", "cancelled", "ddp", steps=400)
+    )
+    assert keeltune("launch", str(cfg), "--nodes", "1", "--gpus-per-node", "1").returncode == 0
+    run_dir = tmp_path / "runs" / "cancelled"
+    job = _job_id(run_dir)
+    slurm_cluster.wait_for_state(int(job), {"RUNNING"}, timeout=60, source="squeue")
+    cancelled = keeltune("cancel", str(run_dir))
+    assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
+    assert slurm_cluster.wait_for_state(int(job), {"CANCELLED"}, timeout=60) == "CANCELLED"
