@@ -47,6 +47,21 @@ def set_threads(local_world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
+def ranks_from_slurm() -> None:
+    """In a task started by the rendered sbatch script (one task per GPU), torch's variables from Slurm's."""
+    if os.environ.get("KEELTUNE_RANKS_FROM_SLURM") != "1" or "SLURM_PROCID" not in os.environ:
+        return
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    os.environ.update(
+        {
+            "RANK": os.environ["SLURM_PROCID"],
+            "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": os.environ.get("SLURM_NTASKS", "1"),
+            "LOCAL_WORLD_SIZE": per_node,
+        }
+    )
+
+
 def train_rank(run_dir: Path, stop: StopRequest | None = None):
     """Join the ranks, build the trainer from the run folder's config, train, and clean up.
 
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from keeltune.config import ConfigError
     from keeltune.data_pipeline.prepare import DataError
 
+    ranks_from_slurm()
     try:
         summary = train_rank(args.run_dir.resolve(), StopRequest().install())
     except (ConfigError, DataError) as err:

@@ -1,9 +1,13 @@
 """Render a standalone sbatch script for a run folder (login node, no torch).
 
-One Slurm task per node starts torch's launcher, which starts one rank per GPU and sets the local ranks; the
-ranks run the same per-rank entry as local training. The launchers meet through torch's c10d rendezvous on
-the first node, which numbers the nodes itself (the batch shell cannot: it expands ``$SLURM_NODEID`` once). Every value taken from the config is shell-quoted, both
-on shell lines and on ``#SBATCH`` lines (sbatch unquotes those the way a shell does).
+``srun`` starts one task per GPU, and each task is a rank running the same per-rank entry as every other
+launch path; the entry reads its rank, local rank and world size from Slurm's variables (``SLURM_PROCID``,
+``SLURM_LOCALID``, ``SLURM_NTASKS``), so no torch launcher sits between Slurm and the ranks. That is the
+reason for this choice: Slurm's warning before the time limit (``--signal=USR2@...``) reaches every rank
+directly, all ranks checkpoint at the same step, and rank 0 requeues the job (``--requeue``), which resumes
+from that checkpoint. The master address is the first node, the port is derived from the job id. Every
+value taken from the config is shell-quoted, both on shell lines and on ``#SBATCH`` lines (sbatch unquotes
+those the way a shell does).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ def render_sbatch(config: Config, run_dir: Path, *, python: str = sys.executable
         "# Rendered by `keeltune sbatch`; submit with: sbatch THIS_FILE",
         _directive("--job-name", slurm.job_name or config.run.name),
         _directive("--nodes", slurm.nodes),
-        _directive("--ntasks-per-node", 1),
+        _directive("--ntasks-per-node", slurm.gpus_per_node),
         _directive("--gpus-per-node", slurm.gpus_per_node),
         _directive("--time", slurm.time),
         _directive("--output", run_dir / "logs" / "slurm-%j.out"),
+        _directive("--signal", f"USR2@{slurm.signal_delay_s}"),
         "#SBATCH --requeue",
     ]
     for option, value in (
@@ -51,24 +56,16 @@ def render_sbatch(config: Config, run_dir: Path, *, python: str = sys.executable
     for pair in slurm.env:
         key, _, value = pair.partition("=")
         lines.append(f"export {key}={shlex.quote(value)}")
-    shell_words = [  # written here, expanded by the job's shell on purpose
-        '--nnodes="$SLURM_NNODES"',
-        '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
-        '--rdzv-id="$SLURM_JOB_ID"',
-    ]
-    launcher = [
-        *map(shlex.quote, ["srun", "--kill-on-bad-exit=1", python, "-m", "torch.distributed.run"]),
-        shell_words[0],
-        f"--nproc-per-node={slurm.gpus_per_node}",
-        "--rdzv-backend=c10d",
-        *shell_words[1:],
-        *map(shlex.quote, ["-m", "keeltune.launcher.entry", str(run_dir)]),
-    ]
     lines += [
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job, the same on every node",
-        "export MASTER_ADDR MASTER_PORT",
-        " \\\n  ".join(launcher),
+        "export MASTER_ADDR MASTER_PORT KEELTUNE_RANKS_FROM_SLURM=1",
+        " \\\n  ".join(
+            map(
+                shlex.quote,
+                ["srun", "--kill-on-bad-exit=1", python, "-m", "keeltune.launcher.entry", str(run_dir)],
+            )
+        ),
         "",
     ]
     return "\n".join(lines)

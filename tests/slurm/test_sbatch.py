@@ -51,3 +51,53 @@ def test_rendered_script_runs_two_nodes_and_quotes_everything(
     assert (run_dir / "logs" / "rank1.log").is_file()  # two ranks, one per node
     assert not [p for p in tmp_path.rglob("CANARY")], "a config value ran as shell code"
     assert not Path("CANARY").exists()
+
+
+def test_rendered_script_checkpoints_requeues_and_resumes_on_usr2(
+    slurm_cluster: LocalSlurm, assets: dict, tmp_path: Path
+) -> None:
+    import json
+    import time
+
+    from tests.conftest import read_metrics
+
+    steps = 12
+    root = tmp_path / "runs"
+    config = base_config(
+        assets,
+        root,
+        run={"name": "requeued", "root": str(root)},
+        training={"max_steps": steps, "warmup_steps": 1, "checkpoint": {"every_steps": 6, "keep_last": 1}},
+        eval={"every_steps": 6, "micro_batch_size": 8},
+    )
+    config["slurm"] = {
+        "nodes": 2,
+        "gpus_per_node": 1,
+        "time": "10",
+        "mem": "3000M",
+        "env": ["OMP_NUM_THREADS=1"],
+    }
+    script = tmp_path / "job.sbatch"
+    assert (
+        keeltune("sbatch", str(write_config(tmp_path / "cfg.yaml", config)), "-o", str(script)).returncode
+        == 0
+    )
+    assert "#SBATCH --signal=USR2@120" in script.read_text()
+    job = slurm_cluster.sbatch(str(script))
+    run_dir = root / "requeued"
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").is_file() or not any(
+        "train/loss" in r for r in read_metrics(run_dir)
+    ):
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.1)
+    slurm_cluster.run("scancel", "--signal=USR2", str(job))
+    slurm_cluster.wait_for_state(job, {"PENDING"}, timeout=120, source="squeue")
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED"}, timeout=300)
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert state == "COMPLETED", rank0[-3000:]
+    assert f"requeued job {job}" in rank0 and "resumed from" in rank0
+    assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))  # each step once
+    final = json.loads((run_dir / "checkpoints" / f"step_{steps:07d}" / "trainer_state.json").read_text())
+    assert final["data"]["consumed_samples"] == steps * 8  # no sample repeated or skipped
