@@ -134,6 +134,9 @@ def submit(config: Config, run_dir: Path, *, local: bool) -> tuple[JobRecord, An
 
     executor = executor_for(config, run_dir, local=local)
     job = executor.submit(TrainJob(run_dir))
+    unexpanded = run_dir / SUBMITIT_DIR / "%j"  # submitit makes the folder pattern itself once; keep it tidy
+    if unexpanded.is_dir() and not any(unexpanded.iterdir()):
+        unexpanded.rmdir()
     record = JobRecord(
         job_id=str(job.job_id),
         cluster="local" if local else "slurm",
