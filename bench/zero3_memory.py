@@ -1,13 +1,16 @@
 """Per-rank bytes of parameters + gradients + optimizer state under keeltune's ZeRO-3 backend on 1, 2 and 4
 ranks against an unsharded fp32 replica (16 bytes/param), and the 4-bit QLoRA base against bf16.
 
-ZeRO-3: the ranks are gloo processes started with torch's launcher on this script. Each builds keeltune's
-``Trainer`` (zero3 backend, fp32, default bucket sizes and persistence threshold 10 x hidden), runs one real
-optimizer step, then counts real tensors, each storage once (views into DeepSpeed's flat buffers share it):
-parameters = every ``p.ds_tensor`` and ``p.data`` (persisted small tensors stay whole) plus the optimizer's
-flat fp16/fp32 partition groups; gradients = the optimizer's ``grad_partitions_flat_buffer`` plus any ``.grad``;
-optimizer state = the inner torch AdamW's ``state`` tensors (exp_avg, exp_avg_sq, step). DeepSpeed's reduce
-bucket (``reduce_bucket_size`` elements, a fixed communication buffer) is shown apart. Goal: ratio <= 1/N + 5%.
+ZeRO-3: the ranks are gloo processes started with torch's launcher on this script (each writes its count to a
+JSON file). Each builds keeltune's ``Trainer`` (zero3 backend, fp32, default bucket sizes and persistence
+threshold 10 x hidden), runs one real optimizer step, then counts real tensors, each storage once (views into
+DeepSpeed's flat buffers share it): parameters = every ``p.ds_tensor`` and ``p.data`` (persisted small tensors
+stay whole) and the optimizer's flat fp16 partition groups; fp32 master copy = its
+``fp32_partitioned_groups_flat`` where these are separate tensors (DeepSpeed means to share them in fp32
+training, see docs/benchmarks.md); gradients = the optimizer's ``grad_partitions_flat_buffer`` and any
+``.grad``; optimizer state = the inner torch AdamW's ``state`` tensors (exp_avg, exp_avg_sq, step). DeepSpeed's
+reduce bucket (``reduce_bucket_size`` elements, a fixed communication buffer) is shown apart.
+Goal: ratio <= 1/N + 5%.
 
 QLoRA: ``build_lora_model`` on one process; every ``Linear4bit``'s packed weight plus its quant state (absmax,
 code, nested state) against the same weights' ``numel`` x 2 bytes (bf16). Goal: ratio <= 0.30.
@@ -31,7 +34,6 @@ from zero3_common import HIDDEN, LAYERS, join_one_rank_group, make_assets, run_c
 
 from keeltune.launcher.run_dir import prepare_run_dir  # noqa: E402
 
-MARK = "ZERO3_MEMORY "
 RANKS = (1, 2, 4)
 
 
@@ -75,8 +77,10 @@ def rank_main(run_dir: Path) -> None:
         counted.add("params", p.ds_tensor)
     for p in params:
         counted.add("params", p.data)
-    for flat in [*opt.fp16_partitioned_groups_flat, *opt.fp32_partitioned_groups_flat]:
+    for flat in opt.fp16_partitioned_groups_flat:
         counted.add("params", flat)
+    for flat in opt.fp32_partitioned_groups_flat:  # a second copy unless it shares the flat above
+        counted.add("fp32 master", flat)
     counted.add("grads", opt.grad_partitions_flat_buffer)
     for p in [*params, *opt.fp32_partitioned_groups_flat]:
         counted.add("grads", p.grad)
@@ -91,7 +95,7 @@ def rank_main(run_dir: Path) -> None:
         "numel": sum(p.ds_numel for p in params),
         "persisted": sum(p.ds_numel for p in params if getattr(p, "ds_persist", False)),
     }
-    print(MARK + json.dumps(report), flush=True)
+    (run_dir / f"memory-rank{parallel.rank}.json").write_text(json.dumps(report))
     trainer.close()
     parallel.barrier()
     parallel.close()
@@ -125,8 +129,8 @@ def main() -> None:
         for nproc in RANKS:
             config = run_config(workdir, model, data, f"z3-{nproc}", global_batch_size=8, micro_batch_size=2)
             run_dir, _ = prepare_run_dir(config)
-            out = torchrun(__file__, nproc, "--rank-main", str(run_dir))
-            reports = [json.loads(line[len(MARK) :]) for line in out.splitlines() if line.startswith(MARK)]
+            torchrun(__file__, nproc, "--rank-main", str(run_dir))
+            reports = [json.loads(f.read_text()) for f in run_dir.glob("memory-rank*.json")]
             rows.append((nproc, sorted(reports, key=lambda r: r["rank"])))
         from keeltune.sharding.qlora import build_lora_model
 
@@ -141,13 +145,17 @@ def main() -> None:
     print(f"model: Llama hidden {HIDDEN}, {LAYERS} layers, {numel / 1e6:.2f}M parameters, fp32, AdamW")
     print(f"unsharded replica: 16 B/param = {full / 2**20:.1f} MiB (params + grads + exp_avg + exp_avg_sq)")
     print(f"persisted whole on every rank (< 10 x hidden elements): {rows[0][1][0]['persisted']} parameters")
-    print("ranks | rank | params MiB | grads MiB | optimizer MiB | sum MiB | ratio | goal | + bucket MiB")
+    print(
+        "ranks | rank | params MiB | fp32 master copy MiB | grads MiB | optimizer MiB | sum MiB | ratio | goal"
+        " | + bucket MiB"
+    )
     for nproc, reports in rows:
         for r in reports:
             b = r["bytes"]
-            total = b["params"] + b["grads"] + b["optimizer"]
+            total = b["params"] + b["fp32 master"] + b["grads"] + b["optimizer"]
             print(
-                f"{nproc} | {r['rank']} | {b['params'] / 2**20:.2f} | {b['grads'] / 2**20:.2f} | "
+                f"{nproc} | {r['rank']} | {b['params'] / 2**20:.2f} | {b['fp32 master'] / 2**20:.2f} | "
+                f"{b['grads'] / 2**20:.2f} | "
                 f"{b['optimizer'] / 2**20:.2f} | {total / 2**20:.2f} | {total / full:.4f} | "
                 f"<= {1 / nproc + 0.05:.3f} | {b['reduce bucket'] / 2**20:.2f}"
             )
