@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -56,13 +57,23 @@ def partition_file(folder: Path, rank: int) -> Path:
 
 
 def ops_folder() -> Path:
-    """Where DeepSpeed's JIT ops are built: $TORCH_EXTENSIONS_DIR, else one folder per Python/torch/DeepSpeed."""
+    """Where DeepSpeed's JIT ops are built: $TORCH_EXTENSIONS_DIR, else one folder per environment (its
+    Python, torch and DeepSpeed versions and its prefix)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
     import deepspeed
 
+    # one folder per environment: another venv's build compiles against other header paths and would
+    # rebuild (and replace) the library in place while this one loads it
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
     version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-ds{deepspeed.__version__}"
-    folder = Path.home() / ".cache" / "keeltune" / "torch_extensions" / version.replace("+", "_")
+    folder = (
+        Path.home()
+        / ".cache"
+        / "keeltune"
+        / "torch_extensions"
+        / f"{version}-{environment}".replace("+", "_")
+    )
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     return folder
 
@@ -121,12 +132,15 @@ def _ensure_process_group(parallel: ParallelEnv) -> None:
         os.environ.setdefault(key, value)  # DeepSpeed reads them even for one process
     if dist.is_initialized():
         return
+    backend = "nccl" if parallel.device.type == "cuda" else "gloo"
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):  # a launcher's rendezvous (torchrun's
+        dist.init_process_group(backend)  # agent store, or the Slurm job's): a private port would never meet
+        return
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    backend = "nccl" if parallel.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 

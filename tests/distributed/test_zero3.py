@@ -273,8 +273,27 @@ def test_a_qwen2_model_trains_and_exports_under_zero3(assets: dict, tmp_path: Pa
     cfg = zero3_config(assets, tmp_path / "runs", "qwen2")
     cfg["model"] = {"path": str(tmp_path / "qwen2")}
     cfg["training"].update(max_steps=3, checkpoint={"every_steps": 3, "keep_last": 1})
-    _train(write_config(tmp_path / "qwen2.yaml", cfg), 1)
-    run_dir = tmp_path / "runs" / "qwen2"
+    from keeltune.config import load_config
+    from keeltune.launcher.run_dir import prepare_run_dir
+
+    run_dir, _ = prepare_run_dir(load_config(write_config(tmp_path / "qwen2.yaml", cfg)))
+    done = subprocess.run(  # one rank under torch's launcher: it must join the launcher's store, not its own
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            "-m",
+            "keeltune.launcher.entry",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run_dir / "final" / "config.json").read_text())["model_type"] == "qwen2"
     engine_loss = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
     assert abs(_val_loss_with_transformers(run_dir, run_dir / "final") - engine_loss) < 1e-5
