@@ -43,6 +43,8 @@ def deepspeed_config(config: Config, world_size: int, *, bf16: bool, hidden_size
             zero.param_persistence_threshold
             if zero.param_persistence_threshold is not None
             else 10 * hidden_size
+            if world_size > 1
+            else 10**15  # one rank has nothing to partition: keep parameters resident, skip gather/release
         ),
         "stage3_max_live_parameters": zero.max_live_parameters,
         "stage3_max_reuse_distance": zero.max_live_parameters,

@@ -222,7 +222,11 @@ class Zero3Backend:
             )
         else:
             optimizer = torch.optim.AdamW(
-                groups, lr=training.lr, betas=tuple(training.betas), eps=training.eps
+                groups,
+                lr=training.lr,
+                betas=tuple(training.betas),
+                eps=training.eps,
+                fused=parallel.device.type == "cuda",  # one kernel over each flat partition on GPUs
             )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config

@@ -34,6 +34,8 @@ def test_sizes_follow_the_hidden_size_unless_set(tmp_path: Path) -> None:
     assert zero["reduce_bucket_size"] == 512 * 512
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 512 * 512)
     assert zero["stage3_param_persistence_threshold"] == 5120
+    one = deepspeed_config(config, 1, bf16=True, hidden_size=hidden)["zero_optimization"]
+    assert one["stage3_param_persistence_threshold"] >= 10**12  # one rank: nothing to partition
     assert "offload_optimizer" not in zero and "offload_param" not in zero
     assert generated["gradient_accumulation_steps"] == 4  # 32 = 2 x 4 ranks x 4
     assert generated["train_batch_size"] == 32 and generated["gradient_clipping"] == 0.5
