@@ -17,9 +17,7 @@ class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
-        self.requeue = (
-            False  # a time-limit warning (USR2) asks for a requeue; TERM (cancel, preemption) does not
-        )
+        self.requeue = False  # after a time-limit warning (USR2); not after TERM (cancel, preemption)
 
     def set(self, reason: str, *, requeue: bool = False) -> None:
         if not self._event.is_set():
@@ -32,16 +30,17 @@ class StopRequest:
 
     def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> StopRequest:
         """Route these signals to the flag (Slurm sends USR2 before a time limit, TERM on preemption)."""
-        self._owner = os.getpid()
         for number in signals:
             signal.signal(number, self._on_signal)
+        # Forked workers (data preparation pools, DataLoader workers) must die on TERM as usual: a handler that
+        # only sets a flag never runs while a worker blocks in C, and its parent then waits for it forever.
+        os.register_at_fork(after_in_child=lambda: _default_handlers(signals))
         return self
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if (
-            os.getpid() != self._owner
-        ):  # a forked worker (data preparation) inherited the handler: die as usual
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         self.set(f"received {signal.Signals(signum).name}", requeue=signum == signal.SIGUSR2)
+
+
+def _default_handlers(signals: tuple[signal.Signals, ...]) -> None:
+    for number in signals:
+        signal.signal(number, signal.SIG_DFL)
