@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="the trainer's held-out evaluation (task loss, retention ppl) on a checkpoint or a model"
     )
     evaluation.add_argument("target", type=Path, help="run folder, or a Hugging Face model folder")
-    evaluation.add_argument("--checkpoint", type=int, help="run folder: the step (default: the latest)")
+    evaluation.add_argument(
+        "--checkpoint", type=int, metavar="STEP", help="run folder: the step (default: the latest)"
+    )
     evaluation.add_argument(
         "--config", type=Path, help="model folder: the YAML config whose held-out sets it is evaluated on"
     )

@@ -26,6 +26,7 @@ def test_eval_of_a_qlora_checkpoint_equals_what_the_trainer_logged(assets: dict,
             "checkpoint": {"every_steps": STEPS, "keep_last": 1},
         },
         eval={"every_steps": STEPS, "micro_batch_size": 4},
+        data={"prepare_workers": 1},  # tokenize inline: the forked pool hung twice here on a loaded machine
         sharding=sharding,
     )
     trained = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))

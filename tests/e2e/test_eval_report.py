@@ -22,6 +22,7 @@ def trained(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
         root / "runs",
         training={"max_steps": STEPS, "warmup_steps": 1, "checkpoint": {"every_steps": 2, "keep_last": 2}},
         eval={"every_steps": 2, "micro_batch_size": 8},
+        data={"prepare_workers": 1},  # tokenize inline: the forked pool hung twice here on a loaded machine
     )
     cfg = write_config(root / "cfg.yaml", config)
     done = keeltune("train", str(cfg))
