@@ -101,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", action="store_true", help="QLoRA: also write the base with the adapters merged in"
     )
 
+    evaluation = verbs.add_parser(
+        "eval", help="the trainer's held-out evaluation (task loss, retention ppl) on a checkpoint or a model"
+    )
+    evaluation.add_argument("target", type=Path, help="run folder, or a Hugging Face model folder")
+    evaluation.add_argument(
+        "--checkpoint", type=int, metavar="STEP", help="run folder: the step (default: the latest)"
+    )
+    evaluation.add_argument(
+        "--config", type=Path, help="model folder: the YAML config whose held-out sets it is evaluated on"
+    )
+    evaluation.add_argument(
+        "--max-samples", type=int, help="per set (default: the config's eval.max_samples)"
+    )
+    evaluation.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+    report = verbs.add_parser("report", help="plots and a markdown summary of a run (from its metrics.jsonl)")
+    report.add_argument("run", type=Path, help="run folder")
+    report.add_argument("--out", type=Path, help="folder to write (default: RUN/report)")
+
     demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
@@ -357,6 +376,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from keeltune.training.run_eval import evaluate_target, resolve_target
+
+    target = resolve_target(args.target, step=args.checkpoint, config_file=args.config)
+    results = evaluate_target(target, max_samples=args.max_samples)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    table = Table(title=f"keeltune eval: {target.label}")
+    for column in ("set", "loss", "perplexity", "forgetting vs baseline"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name in dict.fromkeys(key.rsplit("/", 1)[0] for key in results):
+        forgetting = results.get(f"{name}/forgetting_pct")
+        table.add_row(
+            name,
+            f"{results[f'{name}/loss']:.4f}",
+            f"{results[f'{name}/ppl']:.3f}",
+            "" if forgetting is None else f"{forgetting:+.2f}%",
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from keeltune.training.report import write_report
+
+    report = write_report(args.run, args.out)
+    print(f"wrote {report} and its plots in {report.parent}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
@@ -374,6 +429,8 @@ COMMANDS = {
     "logs": cmd_logs,
     "cancel": cmd_cancel,
     "export": cmd_export,
+    "eval": cmd_eval,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 

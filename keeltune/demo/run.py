@@ -26,6 +26,8 @@ from keeltune.demo.recipe import DEFAULT, SMOKE, Recipe, Schedule, llama_config
 from keeltune.demo.tokenizer import train_tokenizer
 from keeltune.launcher.entry import train_rank
 from keeltune.launcher.run_dir import prepare_run_dir
+from keeltune.training.report import plot_curves as plot_task_and_retention
+from keeltune.training.report import read_metrics
 from keeltune.training.trainer import TrainSummary
 
 BASE_INFO = "pretrain.json"
@@ -184,31 +186,14 @@ def _texts(path: Path, field: str = "text") -> list[str]:
     return [json.loads(line)[field] for line in path.read_text().splitlines() if line]
 
 
-def plot_curves(run_dir: Path, out: Path) -> Path:
+def plot_curves(run_dir: Path, out: Path) -> Path | None:
     """Task validation loss and retention perplexity over the fine-tune, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    evals = [r for r in records if "val/loss" in r]
-    train_records = [r for r in records if "train/loss" in r]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(
-        [r["step"] for r in train_records], [r["train/loss"] for r in train_records], alpha=0.4, label="train"
+    return plot_task_and_retention(
+        read_metrics(run_dir),
+        out,
+        task_title="Task: standard-library Q&A",
+        retention_title="Retention: held-out Python docs (lower is better)",
     )
-    left.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "o-", label="task validation")
-    left.set(xlabel="step", ylabel="loss", title="Task: standard-library Q&A")
-    left.legend()
-    right.plot(
-        [r["step"] for r in evals], [r["retention/python-docs/ppl"] for r in evals], "o-", color="tab:red"
-    )
-    right.set(xlabel="step", ylabel="perplexity", title="Retention: held-out Python docs (lower is better)")
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
 
 
 def run_demo(

@@ -1,0 +1,177 @@
+"""``keeltune report``: plots and a markdown summary of a run, read from its metrics.jsonl (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from keeltune.config import ConfigError, load_config
+from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, METRICS_FILE
+
+REPORT_DIR = "report"
+REPORT_FILE = "report.md"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the run's metrics.jsonl, in order."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {METRICS_FILE} yet; give a run folder `keeltune train` has written")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that hold ``key``."""
+    kept = [r for r in records if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
+
+
+def retention_sets(records: list[dict[str, Any]]) -> list[str]:
+    """Names of the retention sets logged, in first-seen order."""
+    names: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if key.startswith("retention/") and key.endswith("/ppl"):
+                names[key.split("/")[1]] = None
+    return list(names)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    records: list[dict[str, Any]],
+    out: Path,
+    *,
+    task_title: str = "Task",
+    retention_title: str = "Retention (lower is better)",
+) -> Path | None:
+    """Task loss (train and validation) and retention perplexity over steps, side by side; None without evals."""
+    retention = retention_sets(records)
+    if not any("val/loss" in r for r in records) and not retention:
+        return None
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(*series(records, "train/loss"), alpha=0.4, label="train")
+    left.plot(*series(records, "val/loss"), "o-", label="task validation")
+    left.set(xlabel="step", ylabel="loss", title=task_title)
+    left.legend()
+    for name in retention:
+        right.plot(*series(records, f"retention/{name}/ppl"), "o-", label=name)
+    right.set(xlabel="step", ylabel="perplexity", title=retention_title)
+    if retention:
+        right.legend()
+    return _save(plt, figure, out)
+
+
+def _save(plt: Any, figure: Any, out: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in figure.axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def _plot_one(records: list[dict[str, Any]], key: str, out: Path, ylabel: str, title: str) -> Path | None:
+    steps, values = series(records, key)
+    if not steps:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(steps, values)
+    axes.set(xlabel="step", ylabel=ylabel, title=title)
+    return _save(plt, figure, out)
+
+
+def plot_forgetting(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """Task validation loss (left axis) against each retention set's forgetting % (right axis)."""
+    names = [n for n in retention_sets(records) if series(records, f"retention/{n}/forgetting_pct")[0]]
+    if not names:
+        return None
+    plt = _pyplot()
+    figure, task_axis = plt.subplots(figsize=(7, 4))
+    task_axis.plot(*series(records, "val/loss"), "o-", color="C0", label="task validation loss")
+    task_axis.set(xlabel="step", ylabel="task validation loss", title="Learning vs forgetting")
+    forgetting_axis = task_axis.twinx()
+    for index, name in enumerate(names, start=1):
+        steps, values = series(records, f"retention/{name}/forgetting_pct")
+        forgetting_axis.plot(steps, values, "s--", color=f"C{index}", label=f"forgetting: {name}")
+    forgetting_axis.set_ylabel("retention forgetting % (ppl vs step 0)")
+    handles = [h for axis in (task_axis, forgetting_axis) for h in axis.get_legend_handles_labels()[0]]
+    forgetting_axis.legend(handles=handles, loc="best")  # drawn above both axes
+    return _save(plt, figure, out)
+
+
+def write_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """The report's PNGs (title -> file); a plot whose data was not logged is left out."""
+    plots = {
+        "Training loss": _plot_one(
+            records, "train/loss", out_dir / "train_loss.png", "loss", "Training loss"
+        ),
+        "Learning rate": _plot_one(records, "train/lr", out_dir / "learning_rate.png", "lr", "Learning rate"),
+        "Task and retention": plot_curves(records, out_dir / "task_vs_retention.png"),
+        "Learning vs forgetting": plot_forgetting(records, out_dir / "forgetting.png"),
+    }
+    return {title: path for title, path in plots.items() if path is not None}
+
+
+def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
+    """The markdown summary: run, speed, task loss, retention and forgetting, best step."""
+    config = load_config(run_dir / CONFIG_FILE)
+    steps = max((r["step"] for r in records), default=0)
+    lines = [
+        f"# Run report: {config.run.name}",
+        "",
+        f"- backend: {config.sharding.backend}",
+        f"- steps: {steps} of {config.training.max_steps}",
+    ]
+    speeds = series(records, "train/tokens_per_s")[1]
+    if speeds:
+        lines.append(f"- throughput: {sum(speeds) / len(speeds):,.0f} tokens/s (mean over logged steps)")
+    eval_steps, task_losses = series(records, "val/loss")
+    if task_losses:
+        lines.append(
+            f"- task validation loss: {task_losses[0]:.4f} (step {eval_steps[0]}) -> "
+            f"{task_losses[-1]:.4f} (step {eval_steps[-1]})"
+        )
+        best = min(range(len(task_losses)), key=task_losses.__getitem__)
+        lines.append(f"- best step by task validation loss: {eval_steps[best]} ({task_losses[best]:.4f})")
+    baseline_file = run_dir / BASELINE_FILE
+    baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else {}
+    for name in retention_sets(records):
+        key = f"retention/{name}/ppl"
+        ppl_steps, ppls = series(records, key)
+        before = baseline.get(key, ppls[0])
+        line = f"- retention `{name}` perplexity: {before:.3f} -> {ppls[-1]:.3f} (step {ppl_steps[-1]})"
+        forgetting = series(records, f"retention/{name}/forgetting_pct")[1]
+        if forgetting:
+            line += f", forgetting {forgetting[-1]:+.2f}%"
+        lines.append(line)
+    return lines
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Plots and ``report.md`` for the run, in ``out_dir`` (default ``RUN/report``); returns the markdown file."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir}: not a run folder (no {CONFIG_FILE}); give the folder `keeltune train` made"
+        )
+    records = read_metrics(run_dir)
+    out_dir = out_dir or run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(records, out_dir)
+    lines = summary_lines(run_dir, records)
+    lines += ["", "## Plots"] + [f"\n![{title}]({path.name})" for title, path in plots.items()]
+    report = out_dir / REPORT_FILE
+    report.write_text("\n".join(lines) + "\n")
+    return report

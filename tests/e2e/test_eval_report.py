@@ -1,0 +1,131 @@
+"""``keeltune eval`` and ``keeltune report`` on a short trained run of the tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import base_config, keeltune, read_metrics, write_config
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A ddp run of 4 steps, evaluated at steps 0, 2 and 4, checkpointed at 2 and 4; (run folder, config)."""
+    root = tmp_path_factory.mktemp("eval")
+    config = base_config(
+        assets,
+        root / "runs",
+        training={"max_steps": STEPS, "warmup_steps": 1, "checkpoint": {"every_steps": 2, "keep_last": 2}},
+        eval={"every_steps": 2, "micro_batch_size": 8},
+        data={"prepare_workers": 1},  # tokenize inline: the forked pool hung twice here on a loaded machine
+    )
+    cfg = write_config(root / "cfg.yaml", config)
+    done = keeltune("train", str(cfg))
+    assert done.returncode == 0, done.stderr
+    return root / "runs" / "test", cfg
+
+
+def _eval_json(*args: str) -> dict[str, float]:
+    done = keeltune("eval", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _logged(run_dir: Path, step: int) -> dict[str, float]:
+    return next(r for r in read_metrics(run_dir) if r["step"] == step and "val/loss" in r)
+
+
+@pytest.mark.parametrize("step", [None, 2])
+def test_eval_of_a_checkpoint_equals_what_the_trainer_logged(
+    trained: tuple[Path, Path], step: int | None
+) -> None:
+    run_dir, _ = trained
+    got = _eval_json(str(run_dir), *([] if step is None else ["--checkpoint", str(step)]))
+    logged = _logged(run_dir, STEPS if step is None else step)
+    keys = ["val/loss", "val/ppl", "retention/general/loss", "retention/general/ppl"]
+    keys.append("retention/general/forgetting_pct")
+    assert sorted(got) == sorted(keys)
+    for key in keys:
+        assert abs(got[key] - logged[key]) <= 1e-6, (key, got[key], logged[key])
+
+
+def test_eval_of_the_base_model_equals_the_baseline(assets: dict, trained: tuple[Path, Path]) -> None:
+    run_dir, cfg = trained
+    got = _eval_json(str(assets["model"]), "--config", str(cfg))
+    baseline = json.loads((run_dir / "baseline.json").read_text())
+    for key in ("val/loss", "retention/general/ppl"):
+        assert abs(got[key] - baseline[key]) <= 1e-6, key
+    assert abs(got["retention/general/forgetting_pct"]) <= 1e-6
+
+
+def test_eval_prints_a_table_and_refuses_wrong_targets(assets: dict, trained: tuple[Path, Path]) -> None:
+    run_dir, _ = trained
+    done = keeltune("eval", str(run_dir), "--max-samples", "2")
+    assert done.returncode == 0, done.stderr
+    assert "retention/general" in done.stdout and "forgetting" in done.stdout
+    missing = keeltune("eval", str(run_dir), "--checkpoint", "3")
+    assert missing.returncode == 2 and "complete checkpoints: [2, 4]" in missing.stderr
+    no_config = keeltune("eval", str(assets["model"]))
+    assert no_config.returncode == 2 and "--config CONFIG" in no_config.stderr
+
+
+def test_report_writes_plots_and_a_summary_with_the_logged_numbers(trained: tuple[Path, Path]) -> None:
+    run_dir, _ = trained
+    done = keeltune("report", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    out = run_dir / "report"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["forgetting.png", "learning_rate.png", "task_vs_retention.png", "train_loss.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    evals = [r for r in read_metrics(run_dir) if "val/loss" in r]
+    assert "# Run report: test" in text and "backend: ddp" in text and f"steps: {STEPS} of {STEPS}" in text
+    assert f"{evals[0]['val/loss']:.4f} (step 0) -> {evals[-1]['val/loss']:.4f} (step {STEPS})" in text
+    best = min(evals, key=lambda r: r["val/loss"])
+    assert f"best step by task validation loss: {best['step']} " in text
+    printed = re.search(r"forgetting ([+-][0-9.]+)%", text)
+    assert printed and float(printed.group(1)) == round(evals[-1]["retention/general/forgetting_pct"], 2)
+
+
+def test_report_skips_plots_whose_data_is_missing(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from keeltune.training.report import write_report
+
+    run_dir = tmp_path / "train-only"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text((trained[0] / "config.yaml").read_text())
+    train_only = [r for r in read_metrics(trained[0]) if "train/loss" in r]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_only))
+    report = write_report(run_dir, tmp_path / "out")
+    assert sorted(p.name for p in report.parent.glob("*.png")) == ["learning_rate.png", "train_loss.png"]
+    assert "task validation" not in report.read_text()
+
+
+def test_eval_of_a_model_with_another_tokenizer_prepares_its_own_sets(
+    assets: dict, trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from keeltune.demo.tokenizer import train_tokenizer
+
+    run_dir, cfg = trained
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(assets["model"] / name, other / name)
+    train_tokenizer(
+        [json.loads(line)["text"] for line in assets["general"].read_text().splitlines()], 300, other
+    )
+    index_before = (run_dir / "data" / "val-task" / "index.json").read_text()
+    got = _eval_json(str(other), "--config", str(cfg))
+    assert set(got) >= {"val/loss", "retention/general/ppl"} and got["val/loss"] > 0
+    assert (
+        run_dir / "data" / "val-task" / "index.json"
+    ).read_text() == index_before  # the run's sets untouched
+    assert len(list((run_dir / "data").glob("retention-general-tokenizer-*"))) == 1
