@@ -39,8 +39,8 @@ class EarlyStopping:
 
     def reason(self) -> str:
         return (
-            f"early stopping: {WATCHED} did not improve by {self.min_delta} for {self.patience} eval(s); "
-            f"best {self.best:.4g} at step {self.best_step}"
+            f"early stopping: {WATCHED} did not improve by more than min_delta={self.min_delta:g} for "
+            f"patience={self.patience} eval(s); best {self.best:.4g} at step {self.best_step}"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -158,3 +158,41 @@ def test_ewc_fisher_is_positive_saved_and_reused_on_resume(
     path.unlink()
     with pytest.raises(FileNotFoundError, match="can only be estimated at the pretrained weights"):
         Trainer(config_from_dict(raw), ParallelEnv())
+
+
+def test_retention_guard_warn_alerts_wandb_and_trains_on(
+    assets: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = base_config(
+        assets,
+        tmp_path,
+        regularization={"retention_guard": {"max_forgetting_pct": 25.0}, "early_stopping": {"patience": 2}},
+    )
+    trainer = Trainer(config_from_dict(raw), ParallelEnv())
+    alerts = []
+
+    class FakeRun:
+        def alert(self, title: str, text: str) -> None:
+            alerts.append((title, text))
+            raise ConnectionError("W&B unreachable")  # an alert that fails must not stop training
+
+    trainer.metrics.wandb_run = FakeRun()
+    results = {
+        "val/loss": 2.0,
+        "retention/general/forgetting_pct": 30.0,
+        "retention/other/forgetting_pct": 10.0,
+    }
+    with caplog.at_level("WARNING", logger="keeltune"):
+        assert trainer._watch(results) == ""
+    assert len(alerts) == 1 and "retention/general/forgetting_pct 30.0%" in alerts[0][1]
+    assert "retention/other" not in alerts[0][1]
+    assert "retention guard: retention/general/forgetting_pct 30.0% above" in caplog.text
+    assert "W&B alert failed: W&B unreachable" in caplog.text
+    trainer.metrics.wandb_run = None
+    # early stopping counts evals without improvement, and its state round-trips through a checkpoint
+    trainer.step = 2
+    assert trainer._watch({"val/loss": 2.5}) == "" and trainer.early_stopping.bad_evals == 1
+    state = trainer._trainer_state()["early_stopping"]
+    assert state == {"best": 2.0, "best_step": 0, "bad_evals": 1}
+    assert "patience" in trainer._watch({"val/loss": 2.4})
+    trainer.close()
