@@ -102,6 +102,6 @@ def ewc_fisher(
         tmp = path.with_suffix(".tmp")
         save_file({n: t.detach().cpu().contiguous() for n, t in fisher.items()}, str(tmp))
         os.replace(tmp, path)
-        log.info("EWC: Fisher estimated on %d sequence(s), written to %s", samples, path)
+        log.info("EWC: Fisher estimated on the retention sets, written to %s", path)
     parallel.barrier()
     return fisher
