@@ -1,16 +1,20 @@
-"""KL to the base and L2-SP through the real CLI: logged every step, and 2 gloo ranks give the same task loss and
-penalties as 1 rank (the penalties are added once per optimizer step, after the gradient reduction)."""
+"""KL to the base, L2-SP and EWC through the real CLI: logged every step, and 2 gloo ranks give the same task
+loss, penalties and Fisher as 1 rank (penalties are added once per optimizer step, after the gradient reduction)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from keeltune.training.regularizers import FISHER_FILE
 from tests.conftest import base_config, keeltune, read_metrics, write_config
 
-KEYS = ("train/loss", "train/kl", "train/l2sp")
+KEYS = ("train/loss", "train/kl", "train/l2sp", "train/ewc")
 
 
-def test_kl_and_l2sp_two_ranks_match_one_rank(assets: dict, tmp_path: Path) -> None:
+def test_kl_l2sp_and_ewc_two_ranks_match_one_rank(assets: dict, tmp_path: Path) -> None:
     runs = {}
     for nproc in (1, 2):
         config = base_config(
@@ -19,8 +23,14 @@ def test_kl_and_l2sp_two_ranks_match_one_rank(assets: dict, tmp_path: Path) -> N
             run={"name": f"reg{nproc}", "root": str(tmp_path / "runs")},
             training={"max_steps": 4, "warmup_steps": 1, "checkpoint": {"every_steps": 4, "keep_last": 1}},
             eval={"every_steps": 4, "micro_batch_size": 8, "at_start": False},
-            regularization={"kl": {"weight": 1.0, "temperature": 2.0}, "l2sp": {"weight": 0.5}},
+            regularization={
+                "kl": {"weight": 1.0, "temperature": 2.0},
+                "l2sp": {"weight": 0.5},
+                "ewc": {"weight": 100.0, "samples": 8},
+            },
         )
+        # tokenize inline: a forked tokenizer pool under a live gloo group was once seen to deadlock here
+        config["data"]["prepare_workers"] = 1
         done = keeltune(
             "train", str(write_config(tmp_path / f"cfg{nproc}.yaml", config)), "--nproc", str(nproc)
         )
@@ -32,6 +42,12 @@ def test_kl_and_l2sp_two_ranks_match_one_rank(assets: dict, tmp_path: Path) -> N
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     assert one[1]["train/l2sp"] == 0.0 and one[4]["train/l2sp"] > 0  # measured before each step's update
     assert one[1]["train/kl"] < 1e-6 and one[4]["train/kl"] > 1e-5
+    assert one[1]["train/ewc"] == 0.0 and one[4]["train/ewc"] > 0
+    fisher = [load_file(tmp_path / "runs" / f"reg{n}" / FISHER_FILE) for n in (1, 2)]
+    for name, tensor in fisher[0].items():
+        torch.testing.assert_close(fisher[1][name], tensor, rtol=1e-5, atol=1e-9, msg=name)
+    worst = max(abs(one[s][k] - two[s][k]) for s in one for k in KEYS)
+    print(f"largest 1-rank vs 2-rank difference over {KEYS}: {worst:.2e}")
     for step in one:
         for key in KEYS:
             assert abs(one[step][key] - two[step][key]) < 1e-5, (step, key, one[step][key], two[step][key])
