@@ -38,7 +38,7 @@ class DDPBackend:
         self.reference: torch.nn.Module | None = None
         if reg.kl.weight > 0:  # a frozen copy of the pretrained weights (checkpoints load after this)
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.anchor = WeightAnchor(self.model, reg)
+        self.anchor = WeightAnchor(self.model, reg, base=self.reference)
         add_neftune(self.model, reg.neftune_alpha)
         self.wrapped: torch.nn.Module = self.model
         if parallel.distributed:

@@ -64,12 +64,18 @@ def add_penalty_gradients(
 class WeightAnchor:
     """The pretrained values of the trainable parameters, and the L2-SP and EWC penalties measured from them."""
 
-    def __init__(self, model: torch.nn.Module, reg: RegularizationConfig) -> None:
+    def __init__(
+        self, model: torch.nn.Module, reg: RegularizationConfig, base: torch.nn.Module | None = None
+    ) -> None:
+        """``base``: a frozen copy of the pretrained model already kept (for KL), whose weights are reused."""
         self.model = model
         self.l2sp_weight, self.ewc_weight = reg.l2sp.weight, reg.ewc.weight
         self.anchors: dict[str, torch.Tensor] = {}
         if self.l2sp_weight > 0 or self.ewc_weight > 0:
-            self.anchors = {n: p.detach().clone() for n, p in self._params().items()}
+            frozen = dict(base.named_parameters()) if base is not None else {}
+            self.anchors = {
+                n: frozen[n] if n in frozen else p.detach().clone() for n, p in self._params().items()
+            }
         self.fisher: dict[str, torch.Tensor] = {}
 
     def _params(self) -> dict[str, torch.nn.Parameter]:

@@ -295,7 +295,8 @@ class Trainer:
         elif self.baseline:
             summary.first_eval = dict(self.baseline)
         if self.early_stopping.exhausted:  # resumed after an early stop: nothing left to train
-            summary.ended_early = self.early_stopping.reason()
+            summary.ended_early, summary.steps = self.early_stopping.reason(), self.step
+            log.warning("nothing to train, the run ended at step %d: %s", self.step, summary.ended_early)
         self.backend.train(True)
         try:
             while self.step < cfg.max_steps and not summary.ended_early:

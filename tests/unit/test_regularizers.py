@@ -196,3 +196,11 @@ def test_retention_guard_warn_alerts_wandb_and_trains_on(
     assert state == {"best": 2.0, "best_step": 0, "bad_evals": 1}
     assert "patience" in trainer._watch({"val/loss": 2.4})
     trainer.close()
+
+
+def test_l2sp_with_kl_shares_the_frozen_copy_instead_of_a_third_copy(assets: dict, tmp_path: Path) -> None:
+    backend = _ddp(assets, tmp_path, kl={"weight": 1.0}, l2sp={"weight": 1.0})
+    frozen = dict(backend.reference.named_parameters())
+    assert backend.anchor.anchors and all(t is frozen[n] for n, t in backend.anchor.anchors.items())
+    _step(backend)
+    assert backend.anchor.terms()["l2sp"].item() > 0  # the anchors did not move with the model
