@@ -332,17 +332,129 @@ class ShardingConfig:
 
 
 @dataclass(kw_only=True)
+class KLConfig:
+    """KL(base || model) per target token, the base model's predictions kept as a soft target."""
+
+    weight: float = 0.0  # 0: off
+    temperature: float = 1.0  # both distributions softened by it; the term is scaled by temperature^2
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0 (0 turns the KL penalty off), got {self.weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
+class L2SPConfig:
+    """weight/2 * sum (theta - theta_0)^2 over the trainable weights (theta_0: the pretrained ones)."""
+
+    weight: float = 0.0  # 0: off
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0 (0 turns L2-SP off), got {self.weight}")
+
+
+@dataclass(kw_only=True)
+class EWCConfig:
+    """weight/2 * sum F (theta - theta_0)^2, F a diagonal Fisher estimated on the retention data before training."""
+
+    weight: float = 0.0  # 0: off
+    samples: int = 256  # retention sequences the Fisher is estimated on
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0 (0 turns EWC off), got {self.weight}")
+        if self.samples < 1:
+            raise ConfigError(f"samples: must be >= 1, got {self.samples}")
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    """Stop when the task validation loss has not improved by ``min_delta`` for ``patience`` evals."""
+
+    patience: int = 0  # 0: off
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise ConfigError(f"patience: must be >= 0 (0 turns early stopping off), got {self.patience}")
+        if self.min_delta < 0:
+            raise ConfigError(f"min_delta: must be >= 0, got {self.min_delta}")
+
+
+@dataclass(kw_only=True)
+class RetentionGuardConfig:
+    """Act when any retention set's perplexity rose more than ``max_forgetting_pct`` over the start."""
+
+    max_forgetting_pct: float | None = None  # None: off
+    action: Literal["warn", "stop"] = "warn"
+
+    def __post_init__(self) -> None:
+        if self.max_forgetting_pct is not None and self.max_forgetting_pct <= 0:
+            raise ConfigError(f"max_forgetting_pct: must be > 0 (percent), got {self.max_forgetting_pct}")
+
+
+@dataclass(kw_only=True)
 class RegularizationConfig:
     """Against overfitting and forgetting."""
 
     weight_decay: float = 0.0
     dropout: float | None = None  # overrides the model's attention/hidden dropout when set
+    kl: KLConfig = field(default_factory=KLConfig)
+    l2sp: L2SPConfig = field(default_factory=L2SPConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    neftune_alpha: float = 0.0  # uniform noise on the input embeddings while training; 0: off
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    retention_guard: RetentionGuardConfig = field(default_factory=RetentionGuardConfig)
 
     def __post_init__(self) -> None:
         if self.weight_decay < 0:
             raise ConfigError(f"regularization.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"regularization.dropout: must be in [0, 1), got {self.dropout}")
+        if self.neftune_alpha < 0:
+            raise ConfigError(
+                f"regularization.neftune_alpha: must be >= 0 (0 turns NEFTune off), got {self.neftune_alpha}"
+            )
+
+
+def check_regularization(config: Config) -> None:
+    """Refuse regularizers this backend cannot compute exactly, or that lack the data they need."""
+    reg, backend = config.regularization, config.sharding.backend
+    if backend == "zero3":
+        for key, on in (
+            ("kl", reg.kl.weight > 0),
+            ("l2sp", reg.l2sp.weight > 0),
+            ("ewc", reg.ewc.weight > 0),
+        ):
+            if on:
+                raise ConfigError(
+                    f"regularization.{key}: not supported with sharding.backend: zero3 (parameters and gradients "
+                    "are partitioned, so the penalty and its gradient would not be exact); use backend ddp or "
+                    "qlora for this penalty, or replay general data through data.train weights, which works "
+                    "with every backend"
+                )
+    if backend == "qlora" and reg.ewc.weight > 0:
+        raise ConfigError(
+            "regularization.ewc: not supported with sharding.backend: qlora (gradients never reach the 4-bit "
+            "weights, and a Fisher over them would cost 8x the 4-bit model's memory); use regularization.l2sp "
+            "(under qlora it penalises the adapters' weight change) or regularization.kl, or replay general data"
+        )
+    if reg.ewc.weight > 0 and not config.data.retention:
+        raise ConfigError(
+            "regularization.ewc: needs general data to estimate the Fisher on; add a data.retention set"
+        )
+    if reg.early_stopping.patience > 0 and config.data.validation is None:
+        raise ConfigError(
+            "regularization.early_stopping: watches val/loss; add a data.validation set or set patience: 0"
+        )
+    if reg.retention_guard.max_forgetting_pct is not None and not config.data.retention:
+        raise ConfigError(
+            "regularization.retention_guard: watches retention sets; add a data.retention set or remove "
+            "max_forgetting_pct"
+        )
 
 
 @dataclass(kw_only=True)
@@ -443,6 +555,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check_regularization(self)
 
     @property
     def run_dir(self) -> Path:

@@ -55,4 +55,5 @@ class TrainJob:
             "steps": summary.steps,
             "final_model": str(summary.final_model),
             "last_eval": summary.last_eval,
+            "ended_early": summary.ended_early,
         }

@@ -28,6 +28,25 @@ class Backend(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The pretrained model's logits, without gradients (the KL penalty's target)."""
+        ...
+
+    def add_penalties(self) -> dict[str, float]:
+        """Add the weight-space penalties' gradients (L2-SP, EWC) to the reduced gradients, once per optimizer
+        step after the last micro-batch; return each weighted penalty as ``train/<name>``."""
+        ...
+
+    def parameter_gradients(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """This rank's gradients of loss_fn(logits) for every trainable parameter, not reduced, not stored."""
+        ...
+
+    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        """The diagonal Fisher (names as ``parameter_gradients``) for the EWC penalty."""
+        ...
+
     def save(self, folder: Path) -> None:
         """Write model and optimizer state into ``folder`` (called on every rank)."""
         ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from keeltune.sharding.model import (
     load_causal_lm,
 )
 from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.penalties import WeightAnchor, add_neftune
 
 
 class DDPBackend:
@@ -32,6 +34,12 @@ class DDPBackend:
         )
         if config.model.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        reg = config.regularization
+        self.reference: torch.nn.Module | None = None
+        if reg.kl.weight > 0:  # a frozen copy of the pretrained weights (checkpoints load after this)
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.anchor = WeightAnchor(self.model, reg, base=self.reference)
+        add_neftune(self.model, reg.neftune_alpha)
         self.wrapped: torch.nn.Module = self.model
         if parallel.distributed:
             device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
@@ -80,6 +88,33 @@ class DDPBackend:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError(
+                "reference_logits needs regularization.kl.weight > 0 (no frozen copy was made)"
+            )
+        with self._autocast():
+            return self.reference(input_ids=input_ids, use_cache=False).logits.float()
+
+    def add_penalties(self) -> dict[str, float]:
+        return self.anchor.add_gradients()
+
+    def parameter_gradients(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        with self._autocast():
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+        grads = torch.autograd.grad(loss_fn(logits.float()), list(params.values()), allow_unused=True)
+        return {
+            n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(params.items(), grads, strict=True)
+        }
+
+    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        self.anchor.set_fisher(fisher)
 
     def save(self, folder: Path) -> None:
         if self.parallel.is_main:

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from keeltune.config import Config, QLoraConfig
 from keeltune.sharding.model import autocast_dtype, decay_groups, load_causal_lm
 from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.penalties import add_neftune, add_penalty_gradients, lora_change_penalty
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is fine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -31,6 +32,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 MAX_SHARD_BYTES = 2 * 1024**3
+EWC_REFUSED = "EWC is not supported with the qlora backend (gradients never reach the 4-bit weights)"
 
 
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -219,6 +221,8 @@ class QLoraBackend:
         self.base_path = config.model.path
         self.compute_dtype = compute_dtype(config.sharding.qlora.compute_dtype, parallel.device)
         self.model = build_lora_model(config, parallel.device)
+        self.l2sp_weight = config.regularization.l2sp.weight
+        add_neftune(self.model, config.regularization.neftune_alpha)
         self.wrapped: torch.nn.Module = self.model
         if parallel.distributed:
             device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
@@ -270,6 +274,32 @@ class QLoraBackend:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The 4-bit base alone (adapters disabled, eval mode): the pretrained model, with no extra weights."""
+        mode = self.model.training
+        self.model.train(False)
+        try:
+            with self.model.disable_adapter(), self._autocast():
+                return self.model(input_ids=input_ids, use_cache=False).logits.float()
+        finally:
+            self.model.train(mode)
+
+    def add_penalties(self) -> dict[str, float]:
+        """L2-SP on the effective weight change of each adapted layer (theta_0 implicit: B starts at zero)."""
+        if self.l2sp_weight <= 0:
+            return {}
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return add_penalty_gradients({"l2sp": self.l2sp_weight * lora_change_penalty(self.model)}, params)
+
+    def parameter_gradients(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(EWC_REFUSED)
+
+    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(EWC_REFUSED)
 
     def save(self, folder: Path) -> None:
         """Adapter weights and optimizer state only: the base is read again from ``model.path``."""

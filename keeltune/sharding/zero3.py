@@ -33,6 +33,7 @@ from keeltune.sharding.model import (
     enable_activation_checkpointing,
 )
 from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.penalties import add_neftune
 from keeltune.sharding.plan import deepspeed_config, model_hidden_size
 from keeltune.sharding.tensor_files import TensorFile, model_tensor_files, write_tensor_file
 
@@ -40,6 +41,10 @@ DEEPSPEED_TAG = "zero"
 LAYOUT_FILE = "zero_layout.json"
 BUFFERS_FILE = "zero_buffers.safetensors"
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+REFUSED = (
+    "{} is not supported with the zero3 backend (parameters and gradients are partitioned); "
+    "use backend ddp or qlora, or replay general data"
+)
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 renamed, with a warning on every call
 warnings.filterwarnings(
@@ -212,6 +217,7 @@ class Zero3Backend:
             model = load_partitioned_model(config, self.ds_config, parallel)
         if config.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        add_neftune(model, config.regularization.neftune_alpha)
         training = config.training
         groups = decay_groups(model, config.regularization.weight_decay)
         if config.sharding.zero3.offload_optimizer == "cpu":
@@ -256,6 +262,21 @@ class Zero3Backend:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(REFUSED.format("The KL penalty"))
+
+    def add_penalties(self) -> dict[str, float]:
+        """No weight-space penalty under ZeRO-3 (refused when the config is loaded)."""
+        return {}
+
+    def parameter_gradients(
+        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(REFUSED.format("EWC"))
+
+    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(REFUSED.format("EWC"))
 
     def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return list(self.model.named_parameters())  # tied weights appear once

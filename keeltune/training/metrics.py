@@ -114,6 +114,15 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (e-mail/Slack per the user's W&B settings) when W&B is on; a failure is only logged."""
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.alert(title=title, text=text)
+        except Exception as err:  # an alert must never stop training
+            log.warning("W&B alert failed: %s", err)
+
     @property
     def wandb_location(self) -> str:
         if self.wandb_run is None:

@@ -9,6 +9,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 BASELINE_FILE = "baseline.json"
+BEST_FILE = "best.json"  # the step with the best val/loss seen by early stopping
 FINAL_MODEL_DIR = "final"
 WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run folder, across resumes and requeues
 JOB_FILE = "jobs.json"  # what `keeltune launch` submitted, for status / logs / cancel

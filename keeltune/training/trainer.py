@@ -17,6 +17,7 @@ from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.eval.evaluate import EvalResult, evaluate, token_nll
+from keeltune.eval.stopping import EarlyStopping, forgetting_breaches
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
@@ -25,7 +26,8 @@ from keeltune.training.checkpoint import load_checkpoint, save_checkpoint
 from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
-from keeltune.training.run_files import BASELINE_FILE, FINAL_MODEL_DIR, latest_checkpoint
+from keeltune.training.regularizers import ewc_fisher, token_kl
+from keeltune.training.run_files import BASELINE_FILE, BEST_FILE, FINAL_MODEL_DIR, latest_checkpoint
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
 
@@ -44,6 +46,7 @@ class TrainSummary:
     final_model: Path | None = None
     wandb: str = "disabled"
     stopped: str = ""  # why training stopped early (a signal) after checkpointing; "" when it finished
+    ended_early: str = ""  # why a finished run ended before max_steps (early stopping, retention guard)
 
 
 def seed_everything(seed: int) -> None:
@@ -101,7 +104,9 @@ class Trainer:
         self.backend: Backend = build_backend(config, parallel)
         self.step = 0
         self.baseline: dict[str, float] = {}
+        self.early_stopping = EarlyStopping(config.regularization.early_stopping)
         self._resume()
+        self._set_up_ewc()
         self.metrics = MetricsLogger(
             self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
         )
@@ -121,6 +126,8 @@ class Trainer:
             )
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
+        if "early_stopping" in state:
+            self.early_stopping.load_state_dict(state["early_stopping"])
         baseline_file = self.run_dir / BASELINE_FILE
         if baseline_file.is_file():
             self.baseline = json.loads(baseline_file.read_text())
@@ -132,6 +139,22 @@ class Trainer:
             self.step,
             self.stream.consumed_samples,
         )
+
+    def _set_up_ewc(self) -> None:
+        ewc = self.config.regularization.ewc
+        if ewc.weight <= 0:
+            return
+        retention = [d for name, d in self.eval_sets.items() if name.startswith("retention/")]
+        fisher = ewc_fisher(
+            self.backend,
+            self.run_dir,
+            retention,
+            samples=ewc.samples,
+            batch_size=self.config.training.micro_batch_size,
+            parallel=self.parallel,
+            resumed=self.step > 0,
+        )
+        self.backend.set_fisher(fisher)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -166,8 +189,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _train_step(self) -> tuple[float, int]:
-        """One optimizer step over this rank's share of the global batch; returns (mean loss, tokens)."""
+    def _watch(self, results: dict[str, float]) -> str:
+        """Early stopping and the retention guard on one eval's results: why to stop now, or ""."""
+        if self.early_stopping.update(self.step, results):
+            return self.early_stopping.reason()
+        if (
+            self.early_stopping.enabled
+            and self.early_stopping.best_step == self.step
+            and self.parallel.is_main
+        ):
+            best = {"step": self.step, "val/loss": self.early_stopping.best}
+            (self.run_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
+        guard = self.config.regularization.retention_guard
+        breaches = forgetting_breaches(results, guard.max_forgetting_pct)
+        if not breaches:
+            return ""
+        text = (
+            ", ".join(f"{key} {value:.1f}%" for key, value in breaches.items())
+            + f" above regularization.retention_guard.max_forgetting_pct={guard.max_forgetting_pct:g} "
+            f"at step {self.step}"
+        )
+        log.warning("retention guard: %s", text)
+        self.metrics.alert("keeltune retention guard", text)
+        return f"retention guard: {text}" if guard.action == "stop" else ""
+
+    def _train_step(self) -> tuple[dict[str, float], int]:
+        """One optimizer step over this rank's share of the global batch; returns (metrics, tokens): the task
+        loss as ``train/loss`` and each weighted penalty as ``train/<name>``."""
         ids, mask = self.loader.next_step()
         ids_t = ids.to(self.parallel.device)
         mask_t = mask[:, 1:].float().to(self.parallel.device)
@@ -177,26 +225,40 @@ class Trainer:
         # over every target token of the global batch, whatever the number of ranks or micro-batches.
         scale = self.parallel.world_size / max(global_targets, 1.0)
         micro = self.config.training.micro_batch_size
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.parallel.device)
+        kl = self.config.regularization.kl
+        sums = torch.zeros(2, dtype=torch.float64, device=self.parallel.device)  # task loss, KL term
         for index in range(self.accumulation):
             rows = slice(index * micro, (index + 1) * micro)
-            targets, weights = ids_t[rows, 1:], mask_t[rows]
+            inputs, targets, weights = ids_t[rows, :-1], ids_t[rows, 1:], mask_t[rows]
+            reference = self.backend.reference_logits(inputs) if kl.weight > 0 else None
 
             def loss_fn(
-                logits: torch.Tensor, targets: torch.Tensor = targets, weights: torch.Tensor = weights
-            ):
-                return token_nll(logits, targets, weights) * scale
+                logits: torch.Tensor,
+                targets: torch.Tensor = targets,
+                weights: torch.Tensor = weights,
+                reference: torch.Tensor | None = reference,
+            ) -> torch.Tensor:
+                loss = token_nll(logits, targets, weights) * scale
+                sums[0] += loss.detach().double()
+                if reference is not None:
+                    term = kl.weight * token_kl(logits, reference, weights, kl.temperature) * scale
+                    sums[1] += term.detach().double()
+                    loss = loss + term
+                return loss
 
-            loss = self.backend.forward_backward(
-                ids_t[rows, :-1], loss_fn, sync_grads=index == self.accumulation - 1
-            )
-            loss_sum += loss.double()
-        mean_loss = float(self.parallel.all_reduce_sum(loss_sum).item()) / self.parallel.world_size
-        return mean_loss, ids.shape[0] * (ids.shape[1] - 1) * self.parallel.world_size
+            self.backend.forward_backward(inputs, loss_fn, sync_grads=index == self.accumulation - 1)
+        penalties = self.backend.add_penalties()  # same on every rank: added after the reduction
+        self.parallel.all_reduce_sum(sums)
+        values = {"train/loss": float(sums[0].item()) / self.parallel.world_size}
+        if kl.weight > 0:
+            values["train/kl"] = float(sums[1].item()) / self.parallel.world_size
+        values.update(penalties)
+        return values, ids.shape[0] * (ids.shape[1] - 1) * self.parallel.world_size
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "early_stopping": self.early_stopping.state_dict(),
             "data": self.stream.state_dict(),
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
         }
@@ -229,19 +291,30 @@ class Trainer:
         if self.eval_sets and self.config.eval.at_start and self.step == 0:
             summary.first_eval = self.run_evals()
             self.metrics.log(0, summary.first_eval)
+            self._watch(summary.first_eval)
         elif self.baseline:
             summary.first_eval = dict(self.baseline)
+        if self.early_stopping.exhausted:  # resumed after an early stop: nothing left to train
+            summary.ended_early, summary.steps = self.early_stopping.reason(), self.step
+            log.warning("nothing to train, the run ended at step %d: %s", self.step, summary.ended_early)
         self.backend.train(True)
         try:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not summary.ended_early:
                 self.train_one_step()
                 last = self.step == cfg.max_steps
                 if self.eval_sets and (self.step % self.config.eval.every_steps == 0 or last):
                     summary.last_eval = self.run_evals()
                     self.metrics.log(self.step, summary.last_eval)
-                checkpointed = self.step % cfg.checkpoint.every_steps == 0 or last
+                    summary.ended_early = self._watch(summary.last_eval)
+                checkpointed = (
+                    self.step % cfg.checkpoint.every_steps == 0 or last or bool(summary.ended_early)
+                )
                 if checkpointed:
                     self._checkpoint()
+                if summary.ended_early:
+                    log.warning("ended at step %d after checkpointing: %s", self.step, summary.ended_early)
+                    summary.steps = self.step
+                    break
                 if not last and self._stop_agreed(stop):
                     if not checkpointed:
                         self._checkpoint()
@@ -265,18 +338,18 @@ class Trainer:
             max_steps=cfg.max_steps,
             min_lr_ratio=cfg.min_lr_ratio,
         )
-        loss, tokens = self._train_step()
+        values, tokens = self._train_step()
         grad_norm = self.backend.step(lr)
         self.step += 1
         elapsed = time.perf_counter() - started
         self._tokens_done += tokens
         self._train_seconds += elapsed
-        self.progress.update(self.step, loss=loss, tokens_per_s=tokens / elapsed)
+        self.progress.update(self.step, loss=values["train/loss"], tokens_per_s=tokens / elapsed)
         if self.step % self.config.logging.every_steps == 0 or self.step == cfg.max_steps:
             self.metrics.log(
                 self.step,
                 {
-                    "train/loss": loss,
+                    **values,
                     "train/lr": lr,
                     "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens / elapsed,

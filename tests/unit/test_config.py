@@ -267,3 +267,57 @@ def test_qlora_with_zero3_and_misplaced_sections_are_refused(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"sharding.zero3.offload_params: cpu needs offload_optimizer"):
         load_config(write(tmp_path, params_only))
     assert load_config(write(tmp_path, MINIMAL + "sharding:\n  backend: qlora\n")).sharding.qlora.rank == 16
+
+
+def test_regularizers_a_backend_cannot_compute_exactly_are_refused_at_load(tmp_path: Path) -> None:
+    def load(text: str):
+        return load_config(write(tmp_path, MINIMAL + text))
+
+    for key in ("kl", "l2sp", "ewc"):
+        with pytest.raises(ConfigError) as err:
+            load(f"sharding:\n  backend: zero3\nregularization:\n  {key}:\n    weight: 0.1\n")
+        message = str(err.value)
+        assert f"regularization.{key}: not supported with sharding.backend: zero3" in message
+        assert "use backend ddp or qlora" in message and "replay" in message
+        assert "cfg.yaml:" in message  # where the key was set
+    with pytest.raises(ConfigError, match=r"regularization.ewc: not supported with sharding.backend: qlora"):
+        load("sharding:\n  backend: qlora\nregularization:\n  ewc:\n    weight: 1.0\n")
+    with pytest.raises(
+        ConfigError, match=r"regularization.ewc: needs general data .* add a data.retention set"
+    ):
+        load("regularization:\n  ewc:\n    weight: 1.0\n")
+    with pytest.raises(
+        ConfigError, match=r"regularization.early_stopping: watches val/loss; add a data.validation"
+    ):
+        load("regularization:\n  early_stopping:\n    patience: 2\n")
+    with pytest.raises(ConfigError, match=r"regularization.retention_guard: watches retention sets"):
+        load("regularization:\n  retention_guard:\n    max_forgetting_pct: 20\n")
+    for text, match in (
+        ("kl:\n    weight: -1", r"regularization.kl.weight: must be >= 0"),
+        ("kl:\n    temperature: 0", r"regularization.kl.temperature: must be > 0"),
+        ("l2sp:\n    weight: -1", r"regularization.l2sp.weight: must be >= 0"),
+        ("ewc:\n    samples: 0", r"regularization.ewc.samples: must be >= 1"),
+        ("neftune_alpha: -5", r"regularization.neftune_alpha: must be >= 0"),
+        ("early_stopping:\n    patience: -1", r"regularization.early_stopping.patience: must be >= 0"),
+        (
+            "retention_guard:\n    max_forgetting_pct: 0",
+            r"regularization.retention_guard.max_forgetting_pct: must be > 0",
+        ),
+        (
+            "retention_guard:\n    action: halt",
+            r"regularization.retention_guard.action: 'halt' is not one of",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load(f"regularization:\n  {text}\n")
+    # what each backend can do passes
+    assert (
+        load(
+            "sharding:\n  backend: zero3\nregularization:\n  neftune_alpha: 5\n"
+        ).regularization.neftune_alpha
+        == 5
+    )
+    qlora = load(
+        "sharding:\n  backend: qlora\nregularization:\n  kl: {weight: 0.5}\n  l2sp: {weight: 0.01}\n"
+    )
+    assert qlora.regularization.kl.weight == 0.5 and qlora.regularization.l2sp.weight == 0.01

@@ -95,7 +95,9 @@ def _reference_grads(
     return _lora_grads(reference)
 
 
-def _gradients_after_eval(backend: QLoraBackend, ids: torch.Tensor, mask: torch.Tensor):
+def _gradients_after_eval(
+    backend: QLoraBackend, ids: torch.Tensor, mask: torch.Tensor, *, kl_reference: bool = False
+):
     torch.manual_seed(1)
     with torch.no_grad():  # random B as well as A, so that every LoRA weight gets a nonzero gradient
         for name, param in backend.model.named_parameters():
@@ -104,6 +106,8 @@ def _gradients_after_eval(backend: QLoraBackend, ids: torch.Tensor, mask: torch.
     backend.train(False)
     backend.logits(ids[:, :-1])  # what the trainer's evaluation does before training goes on
     backend.train(True)
+    if kl_reference:  # the KL penalty's no-grad pass through the base with adapters disabled
+        backend.reference_logits(ids[:, :-1])
     backend.forward_backward(ids[:, :-1], _loss_fn(ids, mask), sync_grads=True)
     return _lora_grads(backend.model)
 
@@ -122,6 +126,9 @@ def test_lora_gradients_after_an_eval_pass_match_a_dequantized_fp32_reference(
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
     worst_ok = max(float((grads[n] - reference[n]).norm() / reference[n].norm()) for n in reference)
     print(f"with the fix the worst relative gradient error is {worst_ok:.2e}")
+    after_kl = _gradients_after_eval(QLoraBackend(config, ParallelEnv()), ids, mask, kl_reference=True)
+    for name, grad in after_kl.items():  # same random adapters, so the same reference gradients
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=f"after KL pass: {name}")
 
     if _has_avx512_bf16():  # without the fix, the eval pass repacks the weights and gradients go wrong
         broken = _backend(assets, tmp_path)
@@ -233,3 +240,57 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(assets: dict, tmp_
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_weight_change(
+    assets: dict, tmp_path: Path
+) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    raw = base_config(
+        assets,
+        tmp_path,
+        sharding={"backend": "qlora", "qlora": {"dropout": 0.0}},
+        regularization={"kl": {"weight": 1.0}, "l2sp": {"weight": 2.0}},
+    )
+    torch.manual_seed(0)
+    backend = QLoraBackend(config_from_dict(raw), ParallelEnv())
+    ids, mask = _batch(3)
+    backend.train(True)
+    assert torch.equal(backend.reference_logits(ids), backend.logits(ids))  # B starts at zero
+    backend.forward_backward(ids[:, :-1], _loss_fn(ids, mask), sync_grads=True)
+    assert backend.add_penalties() == {"train/l2sp": 0.0}
+    backend.step(1e-2)
+    _train(backend, 2)
+    assert backend.model.training
+    assert float((backend.reference_logits(ids) - backend.logits(ids)).abs().max()) > 1e-4
+    assert backend.model.training  # the reference pass restores the mode
+
+    expected = 0.0
+    with torch.no_grad():
+        for module in backend.model.modules():
+            if isinstance(module, LoraLayer):
+                expected += float((module.get_delta_weight("default").float() ** 2).sum())
+    before = {n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad}
+    assert all(g is None for g in before.values())
+    value = backend.add_penalties()["train/l2sp"]
+    assert value == pytest.approx(2.0 / 2 * expected, rel=1e-5) and value > 0
+    # its gradient against a finite difference of the explicit ||scale * B @ A||^2, on a few coordinates
+    name, param = next((n, p) for n, p in backend.model.named_parameters() if "lora_A" in n)
+    module = next(
+        m for m in backend.model.modules() if isinstance(m, LoraLayer) and m.lora_A["default"].weight is param
+    )
+
+    @torch.no_grad()
+    def explicit() -> float:
+        return float((module.get_delta_weight("default").double() ** 2).sum())
+
+    eps = 1e-3
+    for index in [(0, 0), (1, 5), (3, 17)]:
+        with torch.no_grad():
+            param[index] += eps
+            up = explicit()
+            param[index] -= 2 * eps
+            down = explicit()
+            param[index] += eps
+        assert float(param.grad[index]) == pytest.approx(2.0 / 2 * (up - down) / (2 * eps), rel=1e-2), index

@@ -1,0 +1,57 @@
+"""Runs that end before max_steps through the real CLI: early stopping on val/loss and the retention guard
+checkpoint first, say why in the log, and stay ended when resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+
+
+def _run(assets: dict, tmp_path: Path, name: str, regularization: dict) -> tuple[Path, Path]:
+    config = base_config(
+        assets,
+        tmp_path / "runs",
+        run={"name": name, "root": str(tmp_path / "runs")},
+        training={"max_steps": 8, "warmup_steps": 1, "checkpoint": {"every_steps": 100, "keep_last": 2}},
+        eval={"every_steps": 2, "micro_batch_size": 8},
+        regularization=regularization,
+    )
+    return tmp_path / "runs" / name, write_config(tmp_path / f"{name}.yaml", config)
+
+
+def test_early_stopping_checkpoints_says_why_and_stays_stopped_on_resume(
+    assets: dict, tmp_path: Path
+) -> None:
+    # no eval can improve val/loss by 100 nats: the run ends at the first eval after the one at step 0
+    run_dir, config = _run(assets, tmp_path, "early", {"early_stopping": {"patience": 1, "min_delta": 100.0}})
+    done = keeltune("train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(train_losses(run_dir)) == [1, 2]
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir()  # written although every_steps is 100
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert (
+        "ended at step 2 after checkpointing: early stopping: val/loss did not improve by more than "
+        "min_delta=100 for patience=1 eval(s); best"
+    ) in log
+    assert json.loads((run_dir / "best.json").read_text())["step"] == 0
+    again = keeltune("train", str(config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(train_losses(run_dir)) == [1, 2]  # resumed with patience used up: nothing more trained
+
+
+def test_retention_guard_warns_or_stops_after_checkpointing(assets: dict, tmp_path: Path) -> None:
+    run_dir, config = _run(
+        assets, tmp_path, "guard", {"retention_guard": {"max_forgetting_pct": 1e-9, "action": "stop"}}
+    )
+    done = keeltune("train", str(config), "--set", "training.lr=0.05")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    forgetting = [
+        r["retention/general/forgetting_pct"] for r in read_metrics(run_dir) if "retention/general/ppl" in r
+    ]
+    print("forgetting_pct per eval:", forgetting)
+    assert "ended at step 2 after checkpointing: retention guard: retention/general/forgetting_pct" in log
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir() and sorted(train_losses(run_dir)) == [1, 2]
