@@ -1,0 +1,67 @@
+"""Held-out perplexity is exact whatever the number of ranks: summed NLL and token counts are all-reduced, on a
+set whose size neither 2 nor 3 divides (every rank also runs the same number of forward passes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import base_config, keeltune, write_config
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from keeltune.data_pipeline.reader import PackedDataset
+from keeltune.eval.evaluate import evaluate
+from keeltune.sharding.model import load_causal_lm
+from keeltune.sharding.parallel import ParallelEnv
+torch.set_num_threads(1)
+parallel = ParallelEnv.from_environment()
+model = load_causal_lm(sys.argv[1]).eval()
+dataset = PackedDataset(Path(sys.argv[2]))
+result = evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, dataset, rank=parallel.rank,
+                  world_size=parallel.world_size, all_reduce_sum=parallel.all_reduce_sum, micro_batch_size=2,
+                  device=parallel.device, max_samples=int(sys.argv[3]))
+if parallel.is_main:
+    print("EVAL " + json.dumps({"loss": result.loss, "tokens": result.tokens, "ppl": result.ppl}), flush=True)
+parallel.close()
+"""
+
+
+def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(assets: dict, tmp_path: Path) -> None:
+    config = base_config(assets, tmp_path / "runs", data={"prepare_workers": 1})
+    prepared = keeltune("prepare", str(write_config(tmp_path / "cfg.yaml", config)))
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    folder = tmp_path / "runs" / "test" / "data" / "retention-general"
+    size = json.loads((folder / "index.json").read_text())["num_samples"]
+    samples = next(n for n in range(size, 0, -1) if n % 2 and n % 3)  # neither 2 nor 3 ranks divide it
+    assert samples >= 5
+    script = tmp_path / "eval.py"
+    script.write_text(SCRIPT)
+    results = {}
+    for ranks in (1, 2, 3):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={ranks}",
+                str(script),
+                str(assets["model"]),
+                str(folder),
+                str(samples),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[ranks] = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("EVAL"))[5:])
+    assert results[1]["tokens"] == results[2]["tokens"] == results[3]["tokens"] > 0
+    for ranks in (2, 3):
+        assert abs(results[ranks]["loss"] - results[1]["loss"]) < 1e-6, results
