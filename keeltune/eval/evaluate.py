@@ -63,3 +63,12 @@ def evaluate(
     all_reduce_sum(totals)
     tokens = int(totals[1].item())
     return EvalResult(loss=float(totals[0].item()) / max(tokens, 1), tokens=tokens)
+
+
+def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """``retention/<set>/forgetting_pct``: the relative rise of each retention perplexity over the baseline."""
+    return {
+        key.replace("/ppl", "/forgetting_pct"): 100.0 * (value / baseline[key] - 1.0)
+        for key, value in results.items()
+        if key.startswith("retention/") and key.endswith("/ppl") and key in baseline
+    }

@@ -21,7 +21,7 @@ from keeltune.data_pipeline.prepare import (
     tokenizer_fingerprint,
 )
 from keeltune.data_pipeline.reader import PackedDataset
-from keeltune.eval.evaluate import evaluate
+from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
 from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, complete_checkpoints
@@ -119,15 +119,6 @@ def model_folder(target: EvalTarget) -> Iterator[Path]:
     merge = target.config.sharding.backend == "qlora"
     with tempfile.TemporaryDirectory(prefix="keeltune-eval-") as tmp:
         yield export_checkpoint(target.config, target.checkpoint, Path(tmp), merge=merge)[-1]
-
-
-def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-    """``retention/<set>/forgetting_pct``: the relative rise of each retention perplexity over the baseline."""
-    return {
-        key.replace("/ppl", "/forgetting_pct"): 100.0 * (value / baseline[key] - 1.0)
-        for key, value in results.items()
-        if key.startswith("retention/") and key.endswith("/ppl") and key in baseline
-    }
 
 
 def evaluate_target(target: EvalTarget, *, max_samples: int | None = None) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
-from keeltune.eval.evaluate import EvalResult, evaluate, token_nll
+from keeltune.eval.evaluate import EvalResult, evaluate, forgetting, token_nll
 from keeltune.eval.stopping import EarlyStopping, forgetting_breaches
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
@@ -180,9 +180,7 @@ class Trainer:
             self.baseline = dict(results)
             if self.parallel.is_main:
                 (self.run_dir / BASELINE_FILE).write_text(json.dumps(self.baseline, indent=1))
-        for key, value in list(results.items()):
-            if key.startswith("retention/") and key.endswith("/ppl") and key in self.baseline:
-                results[key.replace("/ppl", "/forgetting_pct")] = 100.0 * (value / self.baseline[key] - 1.0)
+        results.update(forgetting(results, self.baseline))
         summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items())
         log.info("eval at step %d: %s", self.step, summary)
         return results
