@@ -166,3 +166,22 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
     cancelled = keeltune("cancel", str(run_dir))
     assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
     assert slurm_cluster.wait_for_state(int(job), {"CANCELLED"}, timeout=60) == "CANCELLED"
+
+
+def test_dry_run_prints_the_script_and_a_memory_estimate_and_submits_nothing(
+    slurm_cluster: LocalSlurm, assets: dict, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "d.yaml", launch_config(assets, tmp_path / "runs", "dry"))
+    done = keeltune("launch", str(cfg), "--nodes", "2", "--gpus-per-node", "2", "--dry-run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --signal=USR2@",
+        "--kill-on-bad-exit=1",
+    ):
+        assert text in done.stdout, text
+    assert "estimated memory per GPU (zero3, 4 rank(s))" in done.stdout and "WARNING" not in done.stdout
+    tiny = keeltune("launch", str(cfg), "--dry-run", "--set", "slurm.gpu_memory_gb=0.0001")
+    assert "WARNING" in tiny.stdout and "will likely not fit" in tiny.stdout
+    assert not (tmp_path / "runs" / "dry" / "jobs.json").exists()
