@@ -23,23 +23,15 @@ from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import WeightAnchor, add_neftune
 
 
-class DDPBackend:
-    """Full replicas; the default backend, and the one a single process uses."""
+class ReplicaBackend:
+    """What backends with a whole replica on every rank share: torch DDP over the trainable parameters, AdamW,
+    clipping, bf16 autocast where asked. A subclass sets ``self.model`` and calls ``_replicate``."""
 
-    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+    model: torch.nn.Module
+
+    def _replicate(self, config: Config, parallel: ParallelEnv) -> None:
         self.parallel = parallel
         self.grad_clip = config.training.grad_clip
-        self.model = load_causal_lm(config.model.path, dropout=config.regularization.dropout).to(
-            parallel.device
-        )
-        if config.model.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
-        reg = config.regularization
-        self.reference: torch.nn.Module | None = None
-        if reg.kl.weight > 0:  # a frozen copy of the pretrained weights (checkpoints load after this)
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.anchor = WeightAnchor(self.model, reg, base=self.reference)
-        add_neftune(self.model, reg.neftune_alpha)
         self.wrapped: torch.nn.Module = self.model
         if parallel.distributed:
             device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
@@ -76,7 +68,8 @@ class DDPBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -88,6 +81,24 @@ class DDPBackend:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+
+class DDPBackend(ReplicaBackend):
+    """Full replicas; the default backend, and the one a single process uses."""
+
+    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+        self.model = load_causal_lm(config.model.path, dropout=config.regularization.dropout).to(
+            parallel.device
+        )
+        if config.model.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        reg = config.regularization
+        self.reference: torch.nn.Module | None = None
+        if reg.kl.weight > 0:  # a frozen copy of the pretrained weights (checkpoints load after this)
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.anchor = WeightAnchor(self.model, reg, base=self.reference)
+        add_neftune(self.model, reg.neftune_alpha)
+        self._replicate(config, parallel)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

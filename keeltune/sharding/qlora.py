@@ -6,7 +6,6 @@ gradients are all-reduced and only they (with their optimizer state) go into che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,10 +15,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
 
 from keeltune.config import Config, QLoraConfig
-from keeltune.sharding.model import autocast_dtype, decay_groups, load_causal_lm
+from keeltune.sharding.ddp import ReplicaBackend
+from keeltune.sharding.model import load_causal_lm
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import add_neftune, add_penalty_gradients, lora_change_penalty
 
@@ -212,68 +211,16 @@ def write_adapter(model: Any, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-class QLoraBackend:
+class QLoraBackend(ReplicaBackend):
     """4-bit frozen base + LoRA on every rank; DDP all-reduces the adapters' gradients."""
 
     def __init__(self, config: Config, parallel: ParallelEnv) -> None:
-        self.parallel = parallel
-        self.grad_clip = config.training.grad_clip
         self.base_path = config.model.path
         self.compute_dtype = compute_dtype(config.sharding.qlora.compute_dtype, parallel.device)
         self.model = build_lora_model(config, parallel.device)
         self.l2sp_weight = config.regularization.l2sp.weight
         add_neftune(self.model, config.regularization.neftune_alpha)
-        self.wrapped: torch.nn.Module = self.model
-        if parallel.distributed:
-            device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.optimizer = torch.optim.AdamW(
-            decay_groups(self.model, config.regularization.weight_decay),
-            lr=config.training.lr,
-            betas=tuple(config.training.betas),
-            eps=config.training.eps,
-        )
-        self.amp_dtype = autocast_dtype(config.training.precision, parallel.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.parallel.device.type, dtype=self.amp_dtype)
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def forward_backward(
-        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
-    ) -> torch.Tensor:
-        skip_sync = (
-            self.wrapped.no_sync()
-            if self.parallel.distributed and not sync_grads
-            else contextlib.nullcontext()
-        )
-        with skip_sync:
-            with self._autocast():
-                logits = self.wrapped(input_ids=input_ids, use_cache=False).logits
-            loss = loss_fn(logits.float())
-            loss.backward()
-        return loss.detach()
-
-    def step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.model(input_ids=input_ids, use_cache=False).logits.float()
-
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
+        self._replicate(config, parallel)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
