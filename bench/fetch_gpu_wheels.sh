@@ -21,7 +21,7 @@ fi
 # pure Python (or one wheel for every Python): deepspeed's and keeltune's small runtime deps
 "$PIP" download --no-deps --only-binary=:all: -d "$WHEELS" \
   bitsandbytes==0.50.2 hjson pydantic annotated-types typing-inspection typing-extensions einops \
-  py-cpuinfo rich markdown-it-py mdurl pygments
+  py-cpuinfo rich markdown-it-py mdurl pygments pytest pluggy iniconfig
 "$PIP" download --no-deps --only-binary=:all: --platform "$PLATFORM" --python-version 3.11 \
   --implementation cp -d "$WHEELS" ninja psutil
 # one wheel per Python version: the compiled ones

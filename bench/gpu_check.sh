@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh                  # the full check on the GPU (about 6-8 minutes on one H100)
 #   bash bench/gpu_check.sh --tiny --no-install   # CPU logic check, seconds
+#   bash bench/gpu_check.sh --tests            # the GPU tests (pytest tests/gpu) instead of the benchmark
 #
 # Every other argument goes to bench/gpu_check.py (--parts, --steps, --micro-batch, ...).
 # Results: $OUT/gpu_check.json when $OUT is set, else bench/gpu_check.json; a table at the end.
@@ -17,16 +18,22 @@ fi
 PYTHON=${PYTHON:?no python with torch found; set PYTHON}
 WHEELS=bench/wheels
 install=1
+tests=0
 args=()
 for arg in "$@"; do
-  if [[ "$arg" == "--no-install" ]]; then install=0; else args+=("$arg"); fi
+  case "$arg" in
+    --no-install) install=0 ;;
+    --tests) tests=1 ;;
+    *) args+=("$arg") ;;
+  esac
 done
 
 if (( install )); then
   # import name -> requirement; only what is not importable is installed, from the folder only
   missing=()
   for pair in deepspeed:deepspeed==0.19.8 bitsandbytes:bitsandbytes==0.50.2 yaml:pyyaml rich:rich psutil:psutil \
-              hjson:hjson pydantic:pydantic einops:einops msgpack:msgpack cpuinfo:py-cpuinfo ninja:ninja; do
+              hjson:hjson pydantic:pydantic einops:einops msgpack:msgpack cpuinfo:py-cpuinfo ninja:ninja \
+              pytest:pytest pluggy:pluggy iniconfig:iniconfig; do
     module=${pair%%:*}
     "$PYTHON" -c "import $module" >/dev/null 2>&1 || missing+=("${pair#*:}")
   done
@@ -42,4 +49,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi || echo "no nvidia-smi"
 "$PYTHON" -c "import torch, transformers, peft; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false
+if (( tests )); then
+  exec "$PYTHON" -m pytest -p no:cacheprovider tests/gpu "${args[@]}"
+fi
 exec "$PYTHON" bench/gpu_check.py "${args[@]}"
