@@ -362,6 +362,9 @@ class EWCConfig:
 
     weight: float = 0.0  # 0: off
     samples: int = 256  # retention sequences the Fisher is estimated on
+    sets: list[str] = field(
+        default_factory=list
+    )  # data.retention names to estimate it on; empty: all of them
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -423,19 +426,6 @@ class RegularizationConfig:
 def check_regularization(config: Config) -> None:
     """Refuse regularizers this backend cannot compute exactly, or that lack the data they need."""
     reg, backend = config.regularization, config.sharding.backend
-    if backend == "zero3":
-        for key, on in (
-            ("kl", reg.kl.weight > 0),
-            ("l2sp", reg.l2sp.weight > 0),
-            ("ewc", reg.ewc.weight > 0),
-        ):
-            if on:
-                raise ConfigError(
-                    f"regularization.{key}: not supported with sharding.backend: zero3 (parameters and gradients "
-                    "are partitioned, so the penalty and its gradient would not be exact); use backend ddp or "
-                    "qlora for this penalty, or replay general data through data.train weights, which works "
-                    "with every backend"
-                )
     if backend == "qlora" and reg.ewc.weight > 0:
         raise ConfigError(
             "regularization.ewc: not supported with sharding.backend: qlora (gradients never reach the 4-bit "
@@ -445,6 +435,12 @@ def check_regularization(config: Config) -> None:
     if reg.ewc.weight > 0 and not config.data.retention:
         raise ConfigError(
             "regularization.ewc: needs general data to estimate the Fisher on; add a data.retention set"
+        )
+    unknown = sorted(set(reg.ewc.sets) - {r.name for r in config.data.retention})
+    if unknown:
+        raise ConfigError(
+            f"regularization.ewc.sets: {unknown} are not data.retention names "
+            f"({[r.name for r in config.data.retention]}); name retention sets or leave the list empty for all"
         )
     if reg.early_stopping.patience > 0 and config.data.validation is None:
         raise ConfigError(

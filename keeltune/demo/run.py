@@ -82,43 +82,55 @@ def phase_config(
     train: dict[str, str],
     files: DemoFiles,
     backend: str = "ddp",
+    *,
+    overrides: dict[str, Any] | None = None,
+    retention_test: bool = False,
 ) -> Config:
-    """A keeltune config for one demo phase (validated like any YAML config)."""
-    data: dict[str, Any] = {
-        "seq_len": recipe.seq_len,
-        "train": [train],
-        "retention": [{"name": "python-docs", "path": str(files.retention)}],
-    }
+    """A keeltune config for one demo phase (validated like any YAML config). ``overrides`` is merged into it
+    (nested dicts merged, other values replaced); ``retention_test`` also evaluates the second held-out split."""
+    retention = [{"name": "python-docs", "path": str(files.retention)}]
+    if retention_test:
+        retention.append({"name": "python-docs-test", "path": str(files.retention_test)})
+    data: dict[str, Any] = {"seq_len": recipe.seq_len, "train": [train], "retention": retention}
     if train["format"] == "instruction":
         data["validation"] = {"name": "stdlib-qa", "path": str(files.task_val), "format": "instruction"}
-    return config_from_dict(
-        {
-            "run": {"name": name, "root": str(root)},
-            "model": {"path": str(model)},
-            "data": data,
-            "training": {
-                "max_steps": schedule.steps,
-                "global_batch_size": schedule.batch_size,
-                "micro_batch_size": schedule.micro_batch_size,
-                "lr": schedule.lr * (recipe.lora_lr_scale if backend == "qlora" else 1.0),
-                "warmup_steps": schedule.warmup_steps,
-                "min_lr_ratio": schedule.min_lr_ratio,
-                "grad_clip": schedule.grad_clip,
-                "precision": "fp32",
-                "seed": recipe.seed,
-                "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
-            },
-            "sharding": {"backend": backend},
-            "regularization": {"weight_decay": schedule.weight_decay},
-            "eval": {
-                "every_steps": schedule.eval_every,
-                "micro_batch_size": 16,
-                "max_samples": recipe.eval_max_samples,
-            },
-            "logging": {"every_steps": 1, "wandb": {"mode": "offline", "project": "keeltune-demo"}},
+    tree = {
+        "run": {"name": name, "root": str(root)},
+        "model": {"path": str(model)},
+        "data": data,
+        "training": {
+            "max_steps": schedule.steps,
+            "global_batch_size": schedule.batch_size,
+            "micro_batch_size": schedule.micro_batch_size,
+            "lr": schedule.lr * (recipe.lora_lr_scale if backend == "qlora" else 1.0),
+            "warmup_steps": schedule.warmup_steps,
+            "min_lr_ratio": schedule.min_lr_ratio,
+            "grad_clip": schedule.grad_clip,
+            "precision": "fp32",
+            "seed": recipe.seed,
+            "checkpoint": {"every_steps": max(1, schedule.steps // 2), "keep_last": 1},
         },
-        origin=f"demo:{name}",
-    )
+        "sharding": {"backend": backend},
+        "regularization": {"weight_decay": schedule.weight_decay},
+        "eval": {
+            "every_steps": schedule.eval_every,
+            "micro_batch_size": 16,
+            "max_samples": recipe.eval_max_samples,
+        },
+        "logging": {"every_steps": 1, "wandb": {"mode": "offline", "project": "keeltune-demo"}},
+    }
+    return config_from_dict(merge_tree(tree, overrides or {}), origin=f"demo:{name}")
+
+
+def merge_tree(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``overrides`` merged in: nested dicts merged key by key, other values replaced."""
+    merged = dict(tree)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_tree(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def train(config: Config) -> TrainSummary:

@@ -12,6 +12,10 @@ import torch
 class Backend(Protocol):
     """What the loop needs from a backend; it never asks which backend it has."""
 
+    partitioned: (
+        bool  # True when each rank holds a slice of every parameter (ZeRO-3), False for whole replicas
+    )
+
     def forward_backward(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
     ) -> torch.Tensor:
@@ -40,11 +44,13 @@ class Backend(Protocol):
     def parameter_gradients(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """This rank's gradients of loss_fn(logits) for every trainable parameter, not reduced, not stored."""
+        """The gradients of loss_fn(logits) for every trainable parameter, not stored: this rank's own, not
+        reduced (replicas); or, when ``partitioned``, this rank's slice of the gradient reduced over ranks, which
+        needs every rank to pass the same batch."""
         ...
 
     def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
-        """The diagonal Fisher (names as ``parameter_gradients``) for the EWC penalty."""
+        """The diagonal Fisher (names and shapes as ``parameter_gradients``) for the EWC penalty."""
         ...
 
     def save(self, folder: Path) -> None:

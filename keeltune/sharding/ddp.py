@@ -28,6 +28,7 @@ class ReplicaBackend:
     clipping, bf16 autocast where asked. A subclass sets ``self.model`` and calls ``_replicate``."""
 
     model: torch.nn.Module
+    partitioned = False  # every rank holds every trainable parameter
 
     def _replicate(self, config: Config, parallel: ParallelEnv) -> None:
         self.parallel = parallel

@@ -101,7 +101,10 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
     States: ddp 16 B/param (fp32 weights, gradients, AdamW); zero3 (2 + 2 + 12) B/param / ranks, the 12 on CPU
     with optimizer offload, plus two layers gathered; qlora 0.55 B/param (NF4 with double quantization) plus
     16 B per LoRA parameter. Activations per micro-batch: 34 B per token x hidden x layer (2 with activation
-    checkpointing, plus one layer's 34), and fp32 logits with their gradient (8 B per token x vocab)."""
+    checkpointing, plus one layer's 34), and fp32 logits with their gradient (8 B per token x vocab).
+    Regularizers: KL keeps the base (ddp an fp32 copy, zero3 bf16 / ranks, qlora nothing) and its fp32 logits
+    (4 B per token x vocab); L2-SP and EWC keep fp32 pretrained weights (ddp: the KL copy when there is one),
+    EWC an fp32 Fisher (both / ranks under zero3)."""
     shape = model_shape(config.model.path)
     params, hidden, layers, vocab = shape["params"], shape["hidden"], shape["layers"], shape["vocab"]
     backend, zero = config.sharding.backend, config.sharding.zero3
@@ -114,6 +117,15 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
     else:
         states = 16.0 * params
     tokens = config.training.micro_batch_size * config.data.seq_len
+    reg = config.regularization
+    kl, anchored, ewc = reg.kl.weight > 0, reg.l2sp.weight > 0 or reg.ewc.weight > 0, reg.ewc.weight > 0
+    if backend == "zero3":  # partitioned: a bf16 base, fp32 anchors and Fisher, each / ranks
+        penalties = (2 * kl + 4 * anchored + 4 * ewc) * params / world_size
+    elif backend == "ddp":  # an fp32 base copy, whose weights are also the anchors
+        penalties = (4 * (kl or anchored) + 4 * ewc) * params
+    else:  # qlora: the base is the model with adapters off; anchors and changes are the adapters'
+        penalties = 0.0
+    penalties += 4.0 * tokens * vocab if reg.kl.weight > 0 else 0.0
     per_layer = 2 if config.model.gradient_checkpointing else 34
     activations = tokens * hidden * (per_layer * layers + (34 if config.model.gradient_checkpointing else 0))
     logits = 8.0 * tokens * vocab
@@ -123,5 +135,7 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
         "activations": activations / gib,
         "logits": logits / gib,
     }
+    if penalties:
+        parts["regularizers (base copy, anchors, Fisher, reference logits)"] = penalties / gib
     parts["total"] = sum(parts.values())
     return parts

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from keeltune.config import Config, ConfigError
+from keeltune.config import Config, ConfigError, RegularizationConfig
 from keeltune.sharding.model import (
     autocast_dtype,
     causal_lm_config,
@@ -41,11 +41,6 @@ DEEPSPEED_TAG = "zero"
 LAYOUT_FILE = "zero_layout.json"
 BUFFERS_FILE = "zero_buffers.safetensors"
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-REFUSED = (
-    "{} is not supported with the zero3 backend (parameters and gradients are partitioned); "
-    "use backend ddp or qlora, or replay general data"
-)
-
 # DeepSpeed 0.19 calls collectives that torch 2.13 renamed, with a warning on every call
 warnings.filterwarnings(
     "ignore",
@@ -199,8 +194,63 @@ def load_partitioned_model(
 # --------------------------------------------------------------------------- the backend
 
 
+class PartitionAnchor:
+    """L2-SP and EWC under ZeRO-3, on this rank's partitions only: the pretrained values (and the Fisher) are
+    partitioned like the parameters (each 1/N of an fp32 model per rank); the penalty is summed over partitions
+    and all-reduced, and its gradient, w * (theta - theta_0) or w * F * (theta - theta_0), is added to this
+    rank's partition of the reduced gradient before the optimizer step (so clipping sees it, as under ddp)."""
+
+    def __init__(
+        self, params: list[tuple[str, torch.nn.Parameter]], reg: RegularizationConfig, parallel: ParallelEnv
+    ) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.params, self.parallel = params, parallel
+        self.l2sp_weight, self.ewc_weight = reg.l2sp.weight, reg.ewc.weight
+        self.anchors: dict[str, torch.Tensor] = {}
+        if self.l2sp_weight > 0 or self.ewc_weight > 0:
+            self.anchors = {n: safe_get_local_fp32_param(p).detach().clone() for n, p in params}
+        self.fisher: dict[str, torch.Tensor] = {}
+
+    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
+        wrong = sorted({n for n, _ in self.params} ^ set(fisher)) or [
+            n for n, _ in self.params if fisher[n].numel() != self.anchors[n].numel()
+        ]
+        if wrong:
+            raise ValueError(f"EWC Fisher does not fit this rank's parameter partitions (e.g. {wrong[:3]})")
+        self.fisher = {n: fisher[n].reshape(self.anchors[n].shape).float() for n, _ in self.params}
+
+    def add_gradients(self) -> dict[str, float]:
+        if not self.anchors:
+            return {}
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        if self.ewc_weight > 0 and not self.fisher:
+            raise RuntimeError("EWC is on but no Fisher was set (the trainer estimates it before training)")
+        sums = torch.zeros(2, dtype=torch.float64, device=self.parallel.device)  # 1/2 |d|^2, 1/2 F d^2
+        for name, param in self.params:
+            change = safe_get_local_fp32_param(param) - self.anchors[name]
+            update = torch.zeros_like(change)
+            if self.l2sp_weight > 0:
+                sums[0] += 0.5 * (change.double() ** 2).sum()
+                update += self.l2sp_weight * change
+            if self.ewc_weight > 0:
+                sums[1] += 0.5 * (self.fisher[name].double() * change.double() ** 2).sum()
+                update += self.ewc_weight * self.fisher[name] * change
+            safe_set_local_grad(param, safe_get_local_grad(param) + update)
+        self.parallel.all_reduce_sum(sums)
+        values = {}
+        if self.l2sp_weight > 0:
+            values["train/l2sp"] = self.l2sp_weight * float(sums[0])
+        if self.ewc_weight > 0:
+            values["train/ewc"] = self.ewc_weight * float(sums[1])
+        return values
+
+
 class Zero3Backend:
     """Full fine-tuning with DeepSpeed ZeRO-3; the loop sees the same interface as plain data parallel."""
+
+    partitioned = True  # each rank holds a slice of every parameter and of its gradient
 
     def __init__(self, config: Config, parallel: ParallelEnv) -> None:
         import deepspeed
@@ -238,6 +288,9 @@ class Zero3Backend:
             model=model, optimizer=optimizer, config=self.ds_config
         )
         self.model = self.engine.module
+        reg = config.regularization
+        self.reference = self._reference_engine(config) if reg.kl.weight > 0 else None
+        self.anchor = PartitionAnchor(self._named_parameters(), reg, parallel)
 
     def forward_backward(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
@@ -263,20 +316,47 @@ class Zero3Backend:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
+    @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(REFUSED.format("The KL penalty"))
+        if self.reference is None:
+            raise RuntimeError("no reference model: regularization.kl.weight is 0")
+        return self.reference(input_ids=input_ids, use_cache=False).logits.float()
+
+    def _reference_engine(self, config: Config) -> Any:
+        """The base model, frozen and partitioned like the trained one (no gradients, no optimizer state): it
+        costs each rank 1/N of the model in the training dtype, plus one gathered layer during its forward."""
+        import deepspeed
+
+        with large_allocations_returned():
+            reference = load_partitioned_model(config, self.ds_config, self.parallel)
+        reference.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=reference, config=self.ds_config)  # forward only
+        engine.eval()
+        return engine
 
     def add_penalties(self) -> dict[str, float]:
-        """No weight-space penalty under ZeRO-3 (refused when the config is loaded)."""
-        return {}
+        return self.anchor.add_gradients()
 
     def parameter_gradients(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(REFUSED.format("EWC"))
+        """This rank's partition of the gradient, reduced over ranks: every rank must pass the same batch (then
+        the reduced gradient is that batch's). Leaves no gradient behind and no micro-step counted."""
+        from deepspeed.utils import safe_get_local_grad
+
+        self.engine.set_gradient_accumulation_boundary(True)  # reduce and partition in this backward
+        try:
+            logits = self.engine(input_ids=input_ids, use_cache=False).logits
+            self.engine.backward(loss_fn(logits.float()), scale_wrt_gas=False)
+            return {
+                name: safe_get_local_grad(param).detach().clone() for name, param in self._named_parameters()
+            }
+        finally:
+            self.optimizer.zero_grad()
+            self.engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step count
 
     def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError(REFUSED.format("EWC"))
+        self.anchor.set_fisher(fisher)
 
     def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return list(self.model.named_parameters())  # tied weights appear once

@@ -46,16 +46,24 @@ def estimate_fisher(
     backend: Backend, sets: list[PackedDataset], *, samples: int, batch_size: int, parallel: ParallelEnv
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher at the current weights: the mean over batches of the squared gradient of each batch's
-    mean LM loss. Batches are fixed by the data, spread over ranks and summed: the same for any rank count."""
+    mean LM loss; batches are fixed by the data, so it is the same for any number of ranks. Replicas spread the
+    batches over ranks and sum; a partitioned backend runs every batch on every rank (the reduced gradient is
+    then that batch's) and each rank keeps its slice."""
     chosen = _fisher_samples(sets, samples)
     if not chosen:
         raise ValueError("regularization.ewc: the retention sets hold no samples to estimate the Fisher on")
     batches = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+    if backend.partitioned:
+        plan = [(number, True) for number in range(len(batches))]
+    else:  # a rank without a batch computes one it ignores, to get the shapes and keep the collectives paired
+        rounds = -(-len(batches) // parallel.world_size)
+        plan = [
+            (number, number < len(batches))
+            for number in range(parallel.rank, rounds * parallel.world_size, parallel.world_size)
+        ]
     fisher: dict[str, torch.Tensor] = {}
     backend.train(False)
-    rounds = -(-len(batches) // parallel.world_size)
-    for number in range(parallel.rank, rounds * parallel.world_size, parallel.world_size):
-        counted = number < len(batches)  # a rank without a batch computes one it ignores, to get the shapes
+    for number, counted in plan:
         rows = [dataset.get(np.array([i])) for dataset, i in batches[number if counted else 0]]
         ids = torch.from_numpy(np.concatenate([r[0] for r in rows])).to(parallel.device)
         mask = torch.from_numpy(np.concatenate([r[1] for r in rows])[:, 1:].astype(np.float32))
@@ -69,9 +77,17 @@ def estimate_fisher(
             fisher[name] = fisher[name] + square if name in fisher else square
     backend.train(True)
     for name in sorted(fisher):
-        parallel.all_reduce_sum(fisher[name])
+        if not backend.partitioned:
+            parallel.all_reduce_sum(fisher[name])
         fisher[name] /= len(batches)
     return fisher
+
+
+def fisher_file(run_dir: Path, backend: Backend, parallel: ParallelEnv) -> Path:
+    """One file for replicas; one per rank (its slices) for a partitioned backend."""
+    if not backend.partitioned:
+        return run_dir / FISHER_FILE
+    return run_dir / f"ewc_fisher-rank{parallel.rank:05d}-of-{parallel.world_size:05d}.safetensors"
 
 
 def ewc_fisher(
@@ -88,7 +104,7 @@ def ewc_fisher(
     before the first step) and written there by rank 0."""
     from safetensors.torch import load_file, save_file
 
-    path = run_dir / FISHER_FILE
+    path = fisher_file(run_dir, backend, parallel)
     if path.is_file():
         log.info("EWC: Fisher read from %s", path)
         return load_file(str(path), device=str(parallel.device))
@@ -98,10 +114,10 @@ def ewc_fisher(
             "or start a new run"
         )
     fisher = estimate_fisher(backend, sets, samples=samples, batch_size=batch_size, parallel=parallel)
-    if parallel.is_main:
+    if parallel.is_main or backend.partitioned:
         tmp = path.with_suffix(".tmp")
         save_file({n: t.detach().cpu().contiguous() for n, t in fisher.items()}, str(tmp))
         os.replace(tmp, path)
-        log.info("EWC: Fisher estimated on the retention sets, written to %s", path)
+        log.info("EWC: Fisher estimated on the retention data, written to %s", path)
     parallel.barrier()
     return fisher

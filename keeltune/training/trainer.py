@@ -144,7 +144,8 @@ class Trainer:
         ewc = self.config.regularization.ewc
         if ewc.weight <= 0:
             return
-        retention = [d for name, d in self.eval_sets.items() if name.startswith("retention/")]
+        chosen = {f"retention/{name}" for name in ewc.sets or [r.name for r in self.config.data.retention]}
+        retention = [d for name, d in self.eval_sets.items() if name in chosen]
         fisher = ewc_fisher(
             self.backend,
             self.run_dir,

@@ -1,5 +1,6 @@
 """KL to the base, L2-SP and EWC through the real CLI: logged every step, and 2 gloo ranks give the same task
-loss, penalties and Fisher as 1 rank (penalties are added once per optimizer step, after the gradient reduction)."""
+loss, penalties and Fisher as 1 rank (penalties are added once per optimizer step, after the gradient reduction),
+also under 2-rank ZeRO-3, where parameters, gradients, anchors and the Fisher are partitioned."""
 
 from __future__ import annotations
 
@@ -23,13 +24,28 @@ PENALTIES = {
         "l2sp": {"weight": 50.0},
     },  # EWC is refused under qlora
 }
+PENALTIES["zero3"] = PENALTIES["ddp"]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "qlora"])
+def zero3_fisher(run_dir: Path, shapes: dict[str, torch.Size], world: int) -> dict[str, torch.Tensor]:
+    """The whole Fisher from each rank's slices (flat, the last one padded)."""
+    parts = [load_file(run_dir / f"ewc_fisher-rank{r:05d}-of-{world:05d}.safetensors") for r in range(world)]
+    return {
+        name: torch.cat([p[name].reshape(-1) for p in parts])[: shape.numel()].reshape(shape)
+        for name, shape in shapes.items()
+    }
+
+
+@pytest.mark.parametrize("backend", ["ddp", "qlora", "zero3"])
 def test_penalties_on_two_ranks_match_one_rank(assets: dict, tmp_path: Path, backend: str) -> None:
-    sharding = {"backend": backend, **({"qlora": {"dropout": 0.0}} if backend == "qlora" else {})}
+    """zero3: 2 ZeRO-3 ranks against 1 plain process (ddp); the others: 2 ranks against 1 of the same backend."""
     runs = {}
     for nproc in (1, 2):
+        one_rank_backend = "ddp" if backend == "zero3" and nproc == 1 else backend
+        sharding = {
+            "backend": one_rank_backend,
+            **({"qlora": {"dropout": 0.0}} if backend == "qlora" else {}),
+        }
         config = base_config(
             assets,
             tmp_path / "runs",
@@ -58,7 +74,14 @@ def test_penalties_on_two_ranks_match_one_rank(assets: dict, tmp_path: Path, bac
     for step in one:
         for key in keys:
             assert abs(one[step][key] - two[step][key]) < 1e-5, (step, key, one[step][key], two[step][key])
-    if backend == "ddp":
-        fisher = [load_file(tmp_path / "runs" / f"reg{n}" / FISHER_FILE) for n in (1, 2)]
-        for name, tensor in fisher[0].items():
-            torch.testing.assert_close(fisher[1][name], tensor, rtol=1e-5, atol=1e-9, msg=name)
+    if backend in ("ddp", "zero3"):
+        one_rank = load_file(tmp_path / "runs" / "reg1" / FISHER_FILE)
+        two_ranks = (
+            zero3_fisher(tmp_path / "runs" / "reg2", {n: t.shape for n, t in one_rank.items()}, 2)
+            if backend == "zero3"
+            else load_file(tmp_path / "runs" / "reg2" / FISHER_FILE)
+        )
+        assert one_rank.keys() == two_ranks.keys()
+        assert sum(float(t.sum()) for t in one_rank.values()) > 0
+        for name, tensor in one_rank.items():
+            torch.testing.assert_close(two_ranks[name], tensor, rtol=1e-5, atol=1e-9, msg=name)

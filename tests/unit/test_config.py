@@ -273,13 +273,17 @@ def test_regularizers_a_backend_cannot_compute_exactly_are_refused_at_load(tmp_p
     def load(text: str):
         return load_config(write(tmp_path, MINIMAL + text))
 
-    for key in ("kl", "l2sp", "ewc"):
-        with pytest.raises(ConfigError) as err:
-            load(f"sharding:\n  backend: zero3\nregularization:\n  {key}:\n    weight: 0.1\n")
-        message = str(err.value)
-        assert f"regularization.{key}: not supported with sharding.backend: zero3" in message
-        assert "use backend ddp or qlora" in message and "replay" in message
-        assert "cfg.yaml:" in message  # where the key was set
+    zero3 = load(
+        "sharding:\n  backend: zero3\nregularization:\n  kl:\n    weight: 0.1\n  l2sp:\n    weight: 0.1\n"
+    )
+    assert (
+        zero3.regularization.kl.weight == zero3.regularization.l2sp.weight == 0.1
+    )  # partitioned, not refused
+    retention = "  retention:\n    - name: general\n      path: /shared/data/general.jsonl\n"
+    text = MINIMAL.replace("training:", retention + "training:")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text + "regularization:\n  ewc:\n    weight: 1.0\n    sets: [genral]\n"))
+    assert "regularization.ewc.sets: ['genral'] are not data.retention names (['general'])" in str(err.value)
     with pytest.raises(ConfigError, match=r"regularization.ewc: not supported with sharding.backend: qlora"):
         load("sharding:\n  backend: qlora\nregularization:\n  ewc:\n    weight: 1.0\n")
     with pytest.raises(

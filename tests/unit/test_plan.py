@@ -59,3 +59,33 @@ def test_keeltune_config_shows_the_generated_deepspeed_json(tmp_path: Path) -> N
     shown = json.loads("\n".join(line.removeprefix("#   ") for line in block.splitlines()))
     assert shown["gradient_accumulation_steps"] == 2
     assert shown["zero_optimization"]["reduce_bucket_size"] == 512 * 512
+
+
+def test_memory_estimate_counts_each_regularizers_copies_per_backend(tmp_path: Path) -> None:
+    """A 1000-parameter header-only model: the regularizers' line is the base copy, anchors and Fisher (divided
+    over ranks under zero3) plus the reference logits, and absent when no penalty is on."""
+    from keeltune.sharding.plan import estimate_gpu_memory
+
+    tree = _config(tmp_path)
+    model = Path(tree["model"]["path"])
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 2, "vocab_size": 100})
+    )
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10, 100], "data_offsets": [0, 4000]}}).encode()
+    (model / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4000))
+    tree["data"]["seq_len"] = 10
+    logits = 4.0 * 2 * 10 * 100  # fp32 reference logits of one micro-batch (2 x 10 tokens, vocab 100)
+    line = "regularizers (base copy, anchors, Fisher, reference logits)"
+    for backend, regularization, ranks, expected in (
+        ("zero3", {"kl": {"weight": 1.0}, "l2sp": {"weight": 1.0}}, 4, (2 + 4) * 1000 / 4 + logits),
+        ("ddp", {"kl": {"weight": 1.0}, "l2sp": {"weight": 1.0}}, 4, 4 * 1000 + logits),
+        ("ddp", {"ewc": {"weight": 1.0}}, 1, 8 * 1000),
+        ("qlora", {"kl": {"weight": 1.0}}, 1, logits),
+    ):
+        tree["sharding"] = {"backend": backend}
+        tree["regularization"] = regularization
+        tree["data"]["retention"] = [{"name": "g", "path": str(tmp_path / "g.jsonl")}]
+        parts = estimate_gpu_memory(config_from_dict(tree), ranks)
+        assert parts[line] * 1024**3 == pytest.approx(expected), (backend, regularization)
+    tree["regularization"] = {}
+    assert line not in estimate_gpu_memory(config_from_dict(tree), 1)
