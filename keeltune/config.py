@@ -389,14 +389,19 @@ class EarlyStoppingConfig:
 
 @dataclass(kw_only=True)
 class RetentionGuardConfig:
-    """Act when any retention set's perplexity rose more than ``max_forgetting_pct`` over the start."""
+    """Act when any retention set's perplexity rose more than ``max_forgetting_pct`` over the start: ``warn``
+    and go on, ``stop`` the run, or go on and keep the ``best`` model in ``best/``: at each eval within the
+    threshold, the lowest val/loss + retention_weight * (mean rise of the retention sets' loss, in nats)."""
 
     max_forgetting_pct: float | None = None  # None: off
-    action: Literal["warn", "stop"] = "warn"
+    action: Literal["warn", "stop", "best"] = "warn"
+    retention_weight: float = 1.0  # action best: a nat of retention loss weighs this many nats of task loss
 
     def __post_init__(self) -> None:
         if self.max_forgetting_pct is not None and self.max_forgetting_pct <= 0:
             raise ConfigError(f"max_forgetting_pct: must be > 0 (percent), got {self.max_forgetting_pct}")
+        if self.retention_weight < 0:
+            raise ConfigError(f"retention_weight: must be >= 0, got {self.retention_weight}")
 
 
 @dataclass(kw_only=True)
@@ -445,6 +450,12 @@ def check_regularization(config: Config) -> None:
     if reg.early_stopping.patience > 0 and config.data.validation is None:
         raise ConfigError(
             "regularization.early_stopping: watches val/loss; add a data.validation set or set patience: 0"
+        )
+    guard = reg.retention_guard
+    if guard.action == "best" and (guard.max_forgetting_pct is None or config.data.validation is None):
+        raise ConfigError(
+            "regularization.retention_guard.action: best keeps the model with the best val/loss + retention "
+            "score among evals under max_forgetting_pct; set max_forgetting_pct and a data.validation set"
         )
     if reg.retention_guard.max_forgetting_pct is not None and not config.data.retention:
         raise ConfigError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.eval.evaluate import EvalResult, evaluate, forgetting, token_nll
-from keeltune.eval.stopping import EarlyStopping, forgetting_breaches
+from keeltune.eval.stopping import BestModel, EarlyStopping, forgetting_breaches
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
@@ -27,7 +29,14 @@ from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
 from keeltune.training.regularizers import ewc_fisher, token_kl
-from keeltune.training.run_files import BASELINE_FILE, BEST_FILE, FINAL_MODEL_DIR, latest_checkpoint
+from keeltune.training.run_files import (
+    BASELINE_FILE,
+    BEST_FILE,
+    BEST_MODEL_DIR,
+    BEST_MODEL_FILE,
+    FINAL_MODEL_DIR,
+    latest_checkpoint,
+)
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
 
@@ -47,6 +56,7 @@ class TrainSummary:
     wandb: str = "disabled"
     stopped: str = ""  # why training stopped early (a signal) after checkpointing; "" when it finished
     ended_early: str = ""  # why a finished run ended before max_steps (early stopping, retention guard)
+    best_model: Path | None = None  # retention_guard action best: the kept model (best/), when one was kept
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +115,7 @@ class Trainer:
         self.step = 0
         self.baseline: dict[str, float] = {}
         self.early_stopping = EarlyStopping(config.regularization.early_stopping)
+        self.best_model = BestModel(config.regularization.retention_guard)
         self._resume()
         self._set_up_ewc()
         self.metrics = MetricsLogger(
@@ -128,6 +139,8 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         if "early_stopping" in state:
             self.early_stopping.load_state_dict(state["early_stopping"])
+        if "best_model" in state:
+            self.best_model.load_state_dict(state["best_model"])
         baseline_file = self.run_dir / BASELINE_FILE
         if baseline_file.is_file():
             self.baseline = json.loads(baseline_file.read_text())
@@ -200,6 +213,8 @@ class Trainer:
             best = {"step": self.step, "val/loss": self.early_stopping.best}
             (self.run_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
         guard = self.config.regularization.retention_guard
+        if self.best_model.update(self.step, results, self.baseline):
+            self._keep_best(results)
         breaches = forgetting_breaches(results, guard.max_forgetting_pct)
         if not breaches:
             return ""
@@ -208,9 +223,33 @@ class Trainer:
             + f" above regularization.retention_guard.max_forgetting_pct={guard.max_forgetting_pct:g} "
             f"at step {self.step}"
         )
+        if guard.action == "best" and self.best_model.step is not None:
+            text += f"; keeping the best model within it (step {self.best_model.step}) in {BEST_MODEL_DIR}/"
         log.warning("retention guard: %s", text)
         self.metrics.alert("keeltune retention guard", text)
         return f"retention guard: {text}" if guard.action == "stop" else ""
+
+    def _keep_best(self, results: dict[str, float]) -> None:
+        """Export the model to ``best/`` (written aside, then swapped in) with what made it the best."""
+        folder, staging = self.run_dir / BEST_MODEL_DIR, self.run_dir / f".tmp-{BEST_MODEL_DIR}"
+        if self.parallel.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.export(staging)
+        if self.parallel.is_main:
+            chosen = {"step": self.step, "score": self.best_model.score, **results}
+            (staging / BEST_MODEL_FILE).write_text(json.dumps(chosen, indent=1))
+            old = self.run_dir / f".old-{BEST_MODEL_DIR}"
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info(
+                "best model so far (score %.4f at step %d) kept in %s",
+                self.best_model.score,
+                self.step,
+                folder,
+            )
+        self.parallel.barrier()
 
     def _train_step(self) -> tuple[dict[str, float], int]:
         """One optimizer step over this rank's share of the global batch; returns (metrics, tokens): the task
@@ -258,6 +297,7 @@ class Trainer:
         return {
             "step": self.step,
             "early_stopping": self.early_stopping.state_dict(),
+            "best_model": self.best_model.state_dict(),
             "data": self.stream.state_dict(),
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
         }
@@ -324,6 +364,9 @@ class Trainer:
             self.progress.close()
         summary.tokens_per_s = self._tokens_done / self._train_seconds if self._train_seconds else 0.0
         summary.final_model = self.export(self.run_dir / FINAL_MODEL_DIR)
+        if self.best_model.step is not None:
+            summary.best_model = self.run_dir / BEST_MODEL_DIR
+            log.info("best model: step %d of %d, in %s", self.best_model.step, self.step, summary.best_model)
         return summary
 
     def train_one_step(self) -> None:

@@ -55,3 +55,46 @@ def test_retention_guard_warns_or_stops_after_checkpointing(assets: dict, tmp_pa
     print("forgetting_pct per eval:", forgetting)
     assert "ended at step 2 after checkpointing: retention guard: retention/general/forgetting_pct" in log
     assert (run_dir / "checkpoints" / "step_0000002").is_dir() and sorted(train_losses(run_dir)) == [1, 2]
+
+
+def test_retention_guard_best_keeps_the_best_model_within_the_threshold(assets: dict, tmp_path: Path) -> None:
+    """action best: the run goes on to max_steps; best/ holds the model of the eval with the lowest
+    val/loss + mean retention loss rise among those within max_forgetting_pct, and that is the model it holds."""
+    from safetensors.torch import load_file
+
+    threshold = 50.0
+    run_dir, config = _run(
+        assets,
+        tmp_path,
+        "best",
+        {"retention_guard": {"max_forgetting_pct": threshold, "action": "best", "retention_weight": 2.0}},
+    )
+    done = keeltune("train", str(config), "--set", "training.lr=0.01")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(train_losses(run_dir)) == list(range(1, 9))  # not stopped
+    evals = [r for r in read_metrics(run_dir) if "val/loss" in r]
+    base = evals[0]["retention/general/loss"]
+    scores = {
+        r["step"]: r["val/loss"] + 2.0 * (r["retention/general/loss"] - base)
+        for r in evals
+        if r["retention/general/forgetting_pct"] <= threshold
+    }
+    print("forgetting per eval:", {r["step"]: round(r["retention/general/forgetting_pct"], 1) for r in evals})
+    print("eligible scores:", scores)
+    assert 1 < len(scores) < len(evals)  # some evals are eligible, some are not: the threshold matters
+    best_step = min(scores, key=scores.get)
+    chosen = json.loads((run_dir / "best" / "keeltune_best.json").read_text())
+    assert chosen["step"] == best_step and abs(chosen["score"] - scores[best_step]) < 1e-6
+    # what best/ holds is that step's model: keeltune eval of it gives that eval's numbers
+    evaluated = keeltune("eval", str(run_dir / "best"), "--config", str(config), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    numbers = json.loads(evaluated.stdout)
+    assert abs(numbers["val/loss"] - chosen["val/loss"]) < 1e-5
+    if best_step != evals[-1]["step"]:
+        final, best = (
+            load_file(run_dir / "final" / "model.safetensors"),
+            load_file(run_dir / "best" / "model.safetensors"),
+        )
+        assert any(not (final[n] == best[n]).all() for n in final)
+    assert (run_dir / "best" / "tokenizer_config.json").is_file()
+    assert not list(run_dir.glob(".tmp-best")) and not list(run_dir.glob(".old-best"))

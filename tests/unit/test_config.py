@@ -294,6 +294,10 @@ def test_regularizers_a_backend_cannot_compute_exactly_are_refused_at_load(tmp_p
         ConfigError, match=r"regularization.early_stopping: watches val/loss; add a data.validation"
     ):
         load("regularization:\n  early_stopping:\n    patience: 2\n")
+    with pytest.raises(
+        ConfigError, match=r"action: best keeps the model .* set max_forgetting_pct and a data.val"
+    ):
+        load("regularization:\n  retention_guard:\n    action: best\n")
     with pytest.raises(ConfigError, match=r"regularization.retention_guard: watches retention sets"):
         load("regularization:\n  retention_guard:\n    max_forgetting_pct: 20\n")
     for text, match in (
