@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cache", type=Path, default=None, help="base-model cache (default: ~/.cache/keeltune)"
     )
+    demo.add_argument(
+        "--no-mitigation",
+        action="store_true",
+        help="only the unregularized fine-tune (default: also one with replay, side by side)",
+    )
     return parser
 
 
@@ -415,7 +420,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
-    run_demo(root=args.root, smoke=args.smoke, cache=args.cache, backend=args.backend)
+    run_demo(
+        root=args.root,
+        smoke=args.smoke,
+        cache=args.cache,
+        backend=args.backend,
+        mitigation=not args.no_mitigation,
+    )
     return 0
 
 

@@ -26,8 +26,8 @@ from keeltune.demo.recipe import DEFAULT, SMOKE, Recipe, Schedule, llama_config
 from keeltune.demo.tokenizer import train_tokenizer
 from keeltune.launcher.entry import train_rank
 from keeltune.launcher.run_dir import prepare_run_dir
+from keeltune.training.report import plot_comparison, read_metrics
 from keeltune.training.report import plot_curves as plot_task_and_retention
-from keeltune.training.report import read_metrics
 from keeltune.training.trainer import TrainSummary
 
 BASE_INFO = "pretrain.json"
@@ -208,11 +208,41 @@ def plot_curves(run_dir: Path, out: Path) -> Path | None:
     )
 
 
+REPLAY_SHARE = 0.2  # general text in the mitigated fine-tune: the best method of bench/forgetting.py
+
+
+def replay_overrides(task: dict[str, str], files: DemoFiles, share: float = REPLAY_SHARE) -> dict[str, Any]:
+    """Mix ``share`` of general text (the pretraining corpus) into the fine-tune's training stream."""
+    general = {"name": "python-docs-replay", "path": str(files.general_train), "format": "text"}
+    return {"data": {"train": [{**task, "weight": round(1 - share, 6)}, {**general, "weight": share}]}}
+
+
+def _outcome(summary: TrainSummary) -> dict[str, Any]:
+    before, after = summary.first_eval, summary.last_eval
+    return {
+        "task_loss_before": before["val/loss"],
+        "task_loss_after": after["val/loss"],
+        "retention_ppl_before": before["retention/python-docs/ppl"],
+        "retention_ppl_after": after["retention/python-docs/ppl"],
+        "forgetting_pct": after["retention/python-docs/forgetting_pct"],
+        "tokens_per_s": summary.tokens_per_s,
+        "run_dir": str(summary.run_dir),
+        "wandb": summary.wandb,
+        "final_model": str(summary.final_model),
+    }
+
+
 def run_demo(
-    *, root: Path, smoke: bool = False, cache: Path | None = None, backend: str = "ddp"
+    *,
+    root: Path,
+    smoke: bool = False,
+    cache: Path | None = None,
+    backend: str = "ddp",
+    mitigation: bool = True,
 ) -> dict[str, Any]:
     """Run the whole demo and print its summary; returns the numbers shown. ``backend`` is the fine-tune's
-    (the base is always pretrained with plain data parallel, and cached)."""
+    (the base is always pretrained with plain data parallel, and cached). With ``mitigation`` the fine-tune
+    runs twice, without and with replay of general text, and both are shown side by side."""
     console = Console(stderr=False)
     recipe = SMOKE if smoke else DEFAULT
     label = "demo-smoke" if smoke else "demo"
@@ -221,70 +251,90 @@ def run_demo(
     started = time.perf_counter()
     files = write_datasets(root / f"{label}-data")
     base, base_info = ensure_base(recipe, files, root, cache, console)
+    task = {"name": "stdlib-qa", "path": str(files.task_train), "format": "instruction"}
+
+    def finetune(name: str, overrides: dict[str, Any] | None = None) -> TrainSummary:
+        shutil.rmtree(root / name, ignore_errors=True)  # each demo shows a fresh fine-tune
+        config = phase_config(
+            name, root, base, recipe.finetune, recipe, task, files, backend, overrides=overrides
+        )
+        return train(config)
 
     console.print(
         f"[bold]2/2 fine-tuning[/] ({backend}) on standard-library Q&A, evaluating retention on held-out docs"
     )
-    finetune_name = f"{label}-finetune" + ("" if backend == "ddp" else f"-{backend}")
-    shutil.rmtree(root / finetune_name, ignore_errors=True)  # each demo shows a fresh fine-tune
-    config = phase_config(
-        finetune_name,
-        root,
-        base,
-        recipe.finetune,
-        recipe,
-        {"name": "stdlib-qa", "path": str(files.task_train), "format": "instruction"},
-        files,
-        backend,
-    )
-    summary = train(config)
+    name = f"{label}-finetune" + ("" if backend == "ddp" else f"-{backend}")
+    summary = finetune(name)
     plot = plot_curves(summary.run_dir, summary.run_dir / "curves.png")
-    before, after = summary.first_eval, summary.last_eval
-    result = {
-        "task_loss_before": before["val/loss"],
-        "task_loss_after": after["val/loss"],
-        "retention_ppl_before": before["retention/python-docs/ppl"],
-        "retention_ppl_after": after["retention/python-docs/ppl"],
-        "forgetting_pct": after["retention/python-docs/forgetting_pct"],
-        "tokens_per_s": summary.tokens_per_s,
+    result: dict[str, Any] = {
+        **_outcome(summary),
         "backend": backend,
         "base": str(base),
         "base_cached": base_info["cached"],
-        "run_dir": str(summary.run_dir),
-        "wandb": summary.wandb,
-        "final_model": str(summary.final_model),
         "plot": str(plot),
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if mitigation:
+        method = f"replay {REPLAY_SHARE:.0%}"
+        console.print(
+            f"[bold]and again with {method}[/] of general text mixed in, against forgetting (side by side)"
+        )
+        mitigated = finetune(f"{name}-replay", replay_overrides(task, files))
+        result["mitigated"] = {"method": method, **_outcome(mitigated)}
+        result["comparison_plot"] = str(
+            plot_comparison(
+                {"fine-tuned": read_metrics(summary.run_dir), f"+ {method}": read_metrics(mitigated.run_dir)},
+                summary.run_dir / "comparison.png",
+                task_title="Task: standard-library Q&A (validation loss)",
+                retention_title="Retention: held-out Python docs (perplexity, lower is better)",
+            )
+        )
+    result["seconds"] = round(time.perf_counter() - started, 1)
     _print_summary(console, result, base_info)
     (summary.run_dir / "demo_summary.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def _print_summary(console: Console, r: dict[str, Any], base_info: dict[str, Any]) -> None:
+    mitigated = r.get("mitigated")
     table = Table(title=f"keeltune demo: fine-tuning a tiny base on standard-library Q&A ({r['backend']})")
     table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    if mitigated:
+        table.add_column(f"fine-tuned + {mitigated['method']}", justify="right")
+    runs = [r, mitigated] if mitigated else [r]
     table.add_row(
         "task validation loss",
         f"{r['task_loss_before']:.3f}",
-        f"{r['task_loss_after']:.3f}",
-        f"{100 * (r['task_loss_after'] / r['task_loss_before'] - 1):+.1f}%",
+        *(
+            f"{x['task_loss_after']:.3f} ({100 * (x['task_loss_after'] / x['task_loss_before'] - 1):+.1f}%)"
+            for x in runs
+        ),
     )
     table.add_row(
         "retention perplexity (held-out Python docs)",
         f"{r['retention_ppl_before']:.1f}",
-        f"{r['retention_ppl_after']:.1f}",
-        f"{r['forgetting_pct']:+.1f}% (forgetting)",
+        *(f"{x['retention_ppl_after']:.1f} ({x['forgetting_pct']:+.1f}% forgetting)" for x in runs),
     )
     console.print(table)
+    if mitigated:
+        removed = (
+            100 * (1 - mitigated["forgetting_pct"] / r["forgetting_pct"]) if r["forgetting_pct"] else 0.0
+        )
+        cost = 100 * (mitigated["task_loss_after"] / r["task_loss_after"] - 1)
+        console.print(
+            f"{mitigated['method']} removed {removed:.0f}% of the forgetting at a task-loss cost of {cost:+.1f}% "
+            "(other methods, measured: bench/forgetting.py, docs/benchmarks.md)"
+        )
     source = "cached" if r["base_cached"] else f"pretrained in {base_info['pretrain_seconds']:.0f} s"
     console.print(f"base model        {r['base']} ({source}, retention ppl {base_info['retention_ppl']:.1f})")
     console.print(f"fine-tune speed   {r['tokens_per_s']:,.0f} tokens/s")
-    console.print(f"run folder        {r['run_dir']}")
+    for x in runs:
+        console.print(f"run folder        {x['run_dir']}")
     console.print(f"W&B offline run   {r['wandb']}  (upload: wandb sync <that folder>)")
-    console.print(f"final model       {r['final_model']}  (Hugging Face format)")
+    for x in runs:
+        console.print(f"final model       {x['final_model']}  (Hugging Face format)")
     console.print(f"curves            {r['plot']}")
+    if mitigated:
+        console.print(f"side by side      {r['comparison_plot']}")
     console.print(f"total time        {r['seconds']:.0f} s")

@@ -71,6 +71,27 @@ def plot_curves(
     return _save(plt, figure, out)
 
 
+def plot_comparison(
+    runs: dict[str, list[dict[str, Any]]],
+    out: Path,
+    *,
+    task_title: str = "Task validation loss",
+    retention_title: str = "Retention perplexity (lower is better)",
+) -> Path:
+    """Several runs side by side: task validation loss (left) and the first retention set's perplexity (right)."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in runs.items():
+        left.plot(*series(records, "val/loss"), "o-", label=label)
+        for name in retention_sets(records)[:1]:
+            right.plot(*series(records, f"retention/{name}/ppl"), "o-", label=f"{label} ({name})")
+    left.set(xlabel="step", ylabel="loss", title=task_title)
+    right.set(xlabel="step", ylabel="perplexity", title=retention_title)
+    left.legend()
+    right.legend()
+    return _save(plt, figure, out)
+
+
 def _save(plt: Any, figure: Any, out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 

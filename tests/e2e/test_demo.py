@@ -22,10 +22,29 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
         run_dir / "final" / "tokenizer.json"
     ).is_file()
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # side by side: the same fine-tune with replay of general text, from the same base and baseline
+    mitigated = summary["mitigated"]
+    assert (
+        mitigated["method"] == "replay 20%"
+        and "replay 20%" in first.stdout
+        and "side by side" in first.stdout
+    )
+    assert mitigated["retention_ppl_before"] == summary["retention_ppl_before"]
+    assert mitigated["task_loss_after"] < mitigated["task_loss_before"]
+    assert "of the forgetting at a task-loss cost of" in first.stdout
+    replay_run = tmp_path / "runs" / "demo-smoke-finetune-replay"
+    fractions = [
+        r
+        for r in map(json.loads, (replay_run / "metrics.jsonl").read_text().splitlines())
+        if r.get("step") == 10
+    ]
+    assert any(abs(r.get("data/python-docs-replay/fraction", -1) - 0.2) < 0.05 for r in fractions)
+    assert Path(summary["comparison_plot"]).read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     bases = list((tmp_path / "cache").glob("demo-base-*"))
     assert len(bases) == 1 and (bases[0] / "model.safetensors").is_file()
 
+    args = (*args, "--no-mitigation")  # the rest: the unregularized fine-tune only
     second = keeltune(*args, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reused from cache" in second.stdout
