@@ -317,15 +317,15 @@ def _print_summary(console: Console, r: dict[str, Any], base_info: dict[str, Any
         *(f"{x['retention_ppl_after']:.1f} ({x['forgetting_pct']:+.1f}% forgetting)" for x in runs),
     )
     console.print(table)
-    if mitigated:
-        removed = (
-            100 * (1 - mitigated["forgetting_pct"] / r["forgetting_pct"]) if r["forgetting_pct"] else 0.0
-        )
+    if mitigated and r["forgetting_pct"] > 0:
+        removed = 100 * (1 - mitigated["forgetting_pct"] / r["forgetting_pct"])
         cost = 100 * (mitigated["task_loss_after"] / r["task_loss_after"] - 1)
         console.print(
             f"{mitigated['method']} removed {removed:.0f}% of the forgetting at a task-loss cost of {cost:+.1f}% "
             "(other methods, measured: bench/forgetting.py, docs/benchmarks.md)"
         )
+    elif mitigated:
+        console.print("the unregularized fine-tune did not forget here: nothing for replay to remove")
     source = "cached" if r["base_cached"] else f"pretrained in {base_info['pretrain_seconds']:.0f} s"
     console.print(f"base model        {r['base']} ({source}, retention ppl {base_info['retention_ppl']:.1f})")
     console.print(f"fine-tune speed   {r['tokens_per_s']:,.0f} tokens/s")

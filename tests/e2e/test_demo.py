@@ -31,7 +31,7 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
     )
     assert mitigated["retention_ppl_before"] == summary["retention_ppl_before"]
     assert mitigated["task_loss_after"] < mitigated["task_loss_before"]
-    assert "of the forgetting at a task-loss cost of" in first.stdout
+    assert ("of the forgetting at a task-loss cost of" in first.stdout) == (summary["forgetting_pct"] > 0)
     replay_run = tmp_path / "runs" / "demo-smoke-finetune-replay"
     fractions = [
         r
