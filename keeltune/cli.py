@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-samples", type=int, help="per set (default: the config's eval.max_samples)"
     )
     evaluation.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    evaluation.add_argument(
+        "--nproc", type=int, default=1, help="local ranks sharing the samples, started with torch's launcher"
+    )
 
     report = verbs.add_parser("report", help="plots and a markdown summary of a run (from its metrics.jsonl)")
     report.add_argument("run", type=Path, help="run folder")
@@ -387,10 +390,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from keeltune.config import ConfigError
     from keeltune.training.run_eval import evaluate_target, resolve_target
 
     target = resolve_target(args.target, step=args.checkpoint, config_file=args.config)
-    results = evaluate_target(target, max_samples=args.max_samples)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    results = evaluate_target(target, max_samples=args.max_samples, nproc=args.nproc)
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

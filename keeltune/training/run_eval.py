@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
+from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, complete_checkpoints
 
 
@@ -78,8 +82,9 @@ def _baseline(run_dir: Path) -> dict[str, float]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def held_out_sets(config: Config, tokenizer: Any) -> dict[str, PackedDataset]:
-    """The trainer's held-out sets (``val``, ``retention/<name>``), prepared first when they are not.
+def held_out_folders(config: Config, tokenizer: Any) -> dict[str, Path]:
+    """The prepared folders of the trainer's held-out sets (``val``, ``retention/<name>``), prepared first when
+    they are not.
 
     Sets prepared with another tokenizer stay untouched; this tokenizer's go next to them."""
     data, fingerprint = config.data, tokenizer_fingerprint(tokenizer)
@@ -106,7 +111,7 @@ def held_out_sets(config: Config, tokenizer: Any) -> dict[str, PackedDataset]:
                 f"{key} ({source.name}): {folder} is stale ({problem}); run keeltune prepare CONFIG"
             )
         name = "val" if key == "data.validation" else f"retention/{source.name}"
-        sets[name] = PackedDataset(folder, fingerprint=fingerprint, verify_checksums=data.verify_checksums)
+        sets[name] = folder
     return sets
 
 
@@ -121,38 +126,119 @@ def model_folder(target: EvalTarget) -> Iterator[Path]:
         yield export_checkpoint(target.config, target.checkpoint, Path(tmp), merge=merge)[-1]
 
 
-def evaluate_target(target: EvalTarget, *, max_samples: int | None = None) -> dict[str, float]:
-    """Loss and perplexity of every held-out set (one process), with forgetting against the baseline."""
+def evaluate_target(
+    target: EvalTarget, *, max_samples: int | None = None, nproc: int = 1
+) -> dict[str, float]:
+    """Loss and perplexity of every held-out set, with forgetting against the baseline. The sets are prepared
+    and a checkpoint exported once, here; with ``nproc`` > 1, local ranks started by torch's launcher then share
+    the sets' samples (exact sums over ranks: the same numbers as one process)."""
     config = target.config
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer_path = str(target.model_dir) if target.model_dir else config.model.tokenizer_path
     try:
         tokenizer = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{tokenizer_path}: no usable tokenizer ({err})") from None
-    sets = held_out_sets(config, tokenizer)
-    if not sets:
+    folders = held_out_folders(config, tokenizer)
+    if not folders:
         raise ConfigError("the config has no held-out set: add data.validation or data.retention")
-    amp_dtype = autocast_dtype(config.training.precision, device)
-    results: dict[str, float] = {}
-    with model_folder(target) as folder:
-        model = load_causal_lm(str(folder)).to(device).eval()
-
-        def logits(input_ids: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                return model(input_ids=input_ids, use_cache=False).logits.float()
-
-        for name, dataset in sets.items():
-            result = evaluate(
-                logits,
-                dataset,
-                rank=0,
-                world_size=1,
-                all_reduce_sum=lambda tensor: tensor,
-                micro_batch_size=config.eval.micro_batch_size,
-                device=device,
-                max_samples=max_samples if max_samples is not None else config.eval.max_samples,
-            )
-            results[f"{name}/loss"] = result.loss
-            results[f"{name}/ppl"] = result.ppl
+    limit = max_samples if max_samples is not None else config.eval.max_samples
+    with model_folder(target) as model_dir:
+        if nproc == 1:
+            results = evaluate_folder(model_dir, tokenizer_path, folders, config, limit, ParallelEnv())
+        else:
+            results = _evaluate_on_ranks(model_dir, tokenizer_path, folders, config, limit, nproc)
     return {**results, **forgetting(results, target.baseline)}
+
+
+def evaluate_folder(
+    model_dir: Path,
+    tokenizer_path: str,
+    folders: dict[str, Path],
+    config: Config,
+    max_samples: int | None,
+    parallel: ParallelEnv,
+) -> dict[str, float]:
+    """This rank's share of every set through the model in ``model_dir``; sums are all-reduced over ranks."""
+    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_path))
+    verify = config.data.verify_checksums if parallel.is_main else "never"
+    model = load_causal_lm(str(model_dir)).to(parallel.device).eval()
+    amp_dtype = autocast_dtype(config.training.precision, parallel.device)
+
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(parallel.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(input_ids=input_ids, use_cache=False).logits.float()
+
+    results: dict[str, float] = {}
+    for name, folder in folders.items():
+        result = evaluate(
+            logits,
+            PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify),
+            rank=parallel.rank,
+            world_size=parallel.world_size,
+            all_reduce_sum=parallel.all_reduce_sum,
+            micro_batch_size=config.eval.micro_batch_size,
+            device=parallel.device,
+            max_samples=max_samples,
+        )
+        results[f"{name}/loss"] = result.loss
+        results[f"{name}/ppl"] = result.ppl
+    return results
+
+
+def _evaluate_on_ranks(
+    model_dir: Path,
+    tokenizer_path: str,
+    folders: dict[str, Path],
+    config: Config,
+    max_samples: int | None,
+    nproc: int,
+) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="keeltune-eval-ranks-") as tmp:
+        (Path(tmp) / CONFIG_FILE).write_text(config.to_yaml())
+        job = {
+            "config": str(Path(tmp) / CONFIG_FILE),
+            "model_dir": str(model_dir),
+            "tokenizer": tokenizer_path,
+            "folders": {name: str(folder) for name, folder in folders.items()},
+            "max_samples": max_samples,
+            "out": str(Path(tmp) / "results.json"),
+        }
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "keeltune.training.run_eval",
+            str(job_file),
+        ]
+        done = subprocess.run(command, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"keeltune eval: the {nproc} evaluation ranks failed (exit {done.returncode})")
+        return json.loads(Path(job["out"]).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One evaluation rank under torch's launcher (``keeltune eval --nproc N`` starts them)."""
+    job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    parallel = ParallelEnv.from_environment()
+    try:
+        config = load_config(job["config"])
+        folders = {name: Path(folder) for name, folder in job["folders"].items()}
+        results = evaluate_folder(
+            Path(job["model_dir"]), job["tokenizer"], folders, config, job["max_samples"], parallel
+        )
+        if parallel.is_main:
+            Path(job["out"]).write_text(json.dumps(results))
+    finally:
+        parallel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
