@@ -459,14 +459,29 @@ def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataC
 
 
 def prepare_sets(
-    data: DataConfig, run_dir: Path, tokenizer: Any, *, refresh: bool, progress: Any = None
+    data: DataConfig,
+    run_dir: Path,
+    tokenizer: Any,
+    *,
+    refresh: bool,
+    progress: Any = None,
+    held_out_only: bool = False,
 ) -> list[tuple[str, Path, str]]:
     """Prepare every set of the config that is not prepared yet; ``refresh`` also re-prepares stale ones
     (``keeltune prepare``), otherwise a stale set is refused with what to do (``keeltune train``).
 
+    ``held_out_only`` (``keeltune eval``): the validation and retention sets only; a set already prepared with
+    another tokenizer stays untouched and this tokenizer's goes next to it (``<folder>-tokenizer-<id>``).
     ``progress``: a rich Progress to show records and tokens on. Returns (key, folder, what happened)."""
     done = []
+    fingerprint = tokenizer_fingerprint(tokenizer)
     for key, source, folder in data.prepared_sets(run_dir):
+        if held_out_only:
+            if key.startswith("data.train."):
+                continue
+            index = read_index(folder)
+            if index is not None and index.get("tokenizer_fingerprint") != fingerprint:
+                folder = folder.with_name(f"{folder.name}-tokenizer-{fingerprint[:12]}")
         try:
             problem = staleness(folder, source, tokenizer, data.seq_len, data.long_documents)
         except DataError as err:  # another tokenizer or format version: only an explicit prepare replaces it

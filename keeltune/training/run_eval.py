@@ -16,13 +16,7 @@ from typing import Any
 import torch
 
 from keeltune.config import Config, ConfigError, load_config
-from keeltune.data_pipeline.prepare import (
-    DataError,
-    prepare_source,
-    read_index,
-    staleness,
-    tokenizer_fingerprint,
-)
+from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
@@ -84,35 +78,11 @@ def _baseline(run_dir: Path) -> dict[str, float]:
 
 def held_out_folders(config: Config, tokenizer: Any) -> dict[str, Path]:
     """The prepared folders of the trainer's held-out sets (``val``, ``retention/<name>``), prepared first when
-    they are not.
-
-    Sets prepared with another tokenizer stay untouched; this tokenizer's go next to them."""
-    data, fingerprint = config.data, tokenizer_fingerprint(tokenizer)
-    sets = {}
-    for key, source, folder in data.prepared_sets(config.run_dir):
-        if key.startswith("data.train."):
-            continue
-        index = read_index(folder)
-        if index is not None and index.get("tokenizer_fingerprint") != fingerprint:
-            folder = folder.with_name(f"{folder.name}-tokenizer-{fingerprint[:12]}")
-        problem = staleness(folder, source, tokenizer, data.seq_len, data.long_documents)
-        if problem == "not prepared":
-            prepare_source(
-                source,
-                folder,
-                tokenizer=tokenizer,
-                seq_len=data.seq_len,
-                long_documents=data.long_documents,
-                shard_samples=data.shard_samples,
-                workers=data.prepare_workers,
-            )
-        elif problem:
-            raise DataError(
-                f"{key} ({source.name}): {folder} is stale ({problem}); run keeltune prepare CONFIG"
-            )
-        name = "val" if key == "data.validation" else f"retention/{source.name}"
-        sets[name] = folder
-    return sets
+    they are not (next to, never over, sets prepared with another tokenizer)."""
+    prepared = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
+    names = {"data.validation": "val"}
+    names.update({f"data.retention.{i}": f"retention/{r.name}" for i, r in enumerate(config.data.retention)})
+    return {names[key]: folder for key, folder, _ in prepared}
 
 
 @contextlib.contextmanager
