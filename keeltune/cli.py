@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--merge", action="store_true", help="QLoRA: also write the base with the adapters merged in"
     )
+    export.add_argument(
+        "--interpolate",
+        type=float,
+        metavar="ALPHA",
+        help="keep ALPHA of the fine-tuning change: base + ALPHA * (tuned - base), against forgetting (WiSE-FT)",
+    )
 
     evaluation = verbs.add_parser(
         "eval", help="the trainer's held-out evaluation (task loss, retention ppl) on a checkpoint or a model"
@@ -377,10 +383,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     step = max(found) if args.checkpoint is None else args.checkpoint
     if step not in found:
         raise ConfigError(f"--checkpoint {step}: not in {args.run}; complete checkpoints: {sorted(found)}")
+    if args.interpolate is not None and config.sharding.backend == "qlora" and not args.merge:
+        raise ConfigError("--interpolate: a QLoRA run's full weights exist only merged; add --merge")
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     for folder in export_checkpoint(config, found[step], args.out, merge=args.merge):
         tokenizer.save_pretrained(folder)
-        print(f"wrote {folder} (step {step})")
+        note = ""
+        if args.interpolate is not None and (folder / "config.json").is_file():  # not the adapter folder
+            from keeltune.sharding.interpolate import interpolate_toward_base
+
+            count = interpolate_toward_base(folder, Path(config.model.path), args.interpolate)
+            note = f", {count} tensors interpolated toward the base with alpha {args.interpolate:g}"
+        print(f"wrote {folder} (step {step}{note})")
     return 0
 
 

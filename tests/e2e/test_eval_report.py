@@ -146,3 +146,24 @@ def test_eval_of_a_model_with_another_tokenizer_prepares_its_own_sets(
         run_dir / "data" / "val-task" / "index.json"
     ).read_text() == index_before  # the run's sets untouched
     assert len(list((run_dir / "data").glob("retention-general-tokenizer-*"))) == 1
+
+
+def test_export_interpolated_toward_the_base_spans_base_to_fine_tuned(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """export --interpolate ALPHA: 0 gives the base's numbers (the baseline), 1 the fine-tuned checkpoint's."""
+    run_dir, cfg = trained
+    baseline = json.loads((run_dir / "baseline.json").read_text())
+    logged = _logged(run_dir, STEPS)
+    numbers = {}
+    for alpha in ("0", "1"):
+        out = tmp_path / f"alpha-{alpha}"
+        done = keeltune("export", str(run_dir), "--out", str(out), "--interpolate", alpha)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"interpolated toward the base with alpha {alpha}" in done.stdout
+        numbers[alpha] = _eval_json(str(out), "--config", str(cfg))
+    for key in ("val/loss", "retention/general/loss"):
+        assert abs(numbers["0"][key] - baseline[key]) <= 1e-5, key
+        assert abs(numbers["1"][key] - logged[key]) <= 1e-5, key
+    bad = keeltune("export", str(run_dir), "--out", str(tmp_path / "bad"), "--interpolate", "2")
+    assert bad.returncode != 0 and "alpha must be in [0, 1]" in bad.stderr
