@@ -65,3 +65,29 @@ def test_cuda_run_with_kl_l2sp_and_neftune_learns(assets: dict, tmp_path: Path) 
     steps = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "test") if "train/loss" in r}
     assert steps[8]["train/loss"] < steps[1]["train/loss"]
     assert steps[1]["train/l2sp"] == 0.0 and steps[8]["train/l2sp"] > 0 and steps[8]["train/kl"] > 0
+
+
+def test_zero3_on_cuda_with_kl_l2sp_and_ewc_matches_ddp(assets: dict, tmp_path: Path) -> None:
+    """ZeRO-3 on one GPU in bf16 (partitioned reference, anchors and Fisher, penalty gradients added to the
+    gradient partition) against plain data parallel on the same GPU: the same penalties, within bf16 noise."""
+    regularization = {"kl": {"weight": 1.0}, "l2sp": {"weight": 0.1}, "ewc": {"weight": 100.0, "samples": 8}}
+    steps = {}
+    for backend in ("ddp", "zero3"):
+        config = base_config(
+            assets,
+            tmp_path / "runs",
+            run={"name": backend, "root": str(tmp_path / "runs")},
+            training={"max_steps": 6, "warmup_steps": 1, "precision": "bf16"},
+            sharding={"backend": backend},
+            regularization=regularization,
+        )
+        done = keeltune("train", str(write_config(tmp_path / f"{backend}.yaml", config)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps[backend] = {
+            r["step"]: r for r in read_metrics(tmp_path / "runs" / backend) if "train/loss" in r
+        }
+    ddp, zero3 = steps["ddp"], steps["zero3"]
+    print({k: (ddp[6][k], zero3[6][k]) for k in ("train/loss", "train/kl", "train/l2sp", "train/ewc")})
+    assert zero3[6]["train/loss"] < zero3[1]["train/loss"]
+    for key in ("train/kl", "train/l2sp", "train/ewc"):
+        assert zero3[6][key] > 0 and abs(zero3[6][key] / ddp[6][key] - 1) < 0.1, key
