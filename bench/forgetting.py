@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -74,8 +75,10 @@ class Setting:
 
 
 def run_name(setting: Setting, seed: int) -> str:
-    label = setting.label.replace(" ", "_").replace("=", "").replace("%", "pct")
-    return f"fg-{setting.method}-{label}-s{seed}"
+    """A run folder name (letters, digits, '.', '_', '-') for a setting and seed."""
+    label = re.sub(r"[^A-Za-z0-9._-]", "", setting.label.replace(" ", "_").replace("%", "pct"))
+    method = setting.method.replace("+", "-plus-")
+    return f"fg-{method}-{label}-s{seed}"
 
 
 def settings(task: dict[str, str], files: DemoFiles) -> list[Setting]:
@@ -114,7 +117,7 @@ def settings(task: dict[str, str], files: DemoFiles) -> list[Setting]:
             f"w={w:g} w={e:g}",
             {"regularization": {"kl": {"weight": w}, "ewc": {"weight": e, "sets": [SELECT]}}},
         )
-        for w, e in ((0.5, 1e4),)
+        for w, e in ((0.5, 1e4), (0.25, 3e4), (0.25, 1e5))
     ]
     grid += [Setting("wise-ft", f"a={a:g}", alpha=a, source=none) for a in (0.3, 0.5, 0.7)]
     kl = next(s for s in grid if s.key == "kl:w=0.25")
