@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--plot", type=Path, default=Path("docs/forgetting.png"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)  # tables on one line each, for docs
     started = time.perf_counter()
     bench = Bench(args.root.resolve(), console)
     grid = settings(bench.task, bench.files)
