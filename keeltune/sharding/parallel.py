@@ -6,6 +6,8 @@ import datetime
 import os
 import re
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,24 @@ class ParallelEnv:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_local_ranks(nproc: int, module: str, *args: str) -> int:
+    """``python -m module args`` as ``nproc`` ranks on this machine through torch's launcher (a free local
+    port; the cores split among the ranks unless OMP_NUM_THREADS is set); returns the exit status."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _expand_nodelist(nodelist: str) -> list[str]:

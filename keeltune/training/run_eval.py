@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
-from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.parallel import ParallelEnv, run_local_ranks
 from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, complete_checkpoints
 
 
@@ -175,21 +173,9 @@ def _evaluate_on_ranks(
         }
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job))
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "keeltune.training.run_eval",
-            str(job_file),
-        ]
-        done = subprocess.run(command, env=env, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"keeltune eval: the {nproc} evaluation ranks failed (exit {done.returncode})")
+        status = run_local_ranks(nproc, "keeltune.training.run_eval", str(job_file))
+        if status != 0:
+            raise RuntimeError(f"keeltune eval: the {nproc} evaluation ranks failed (exit {status})")
         return json.loads(Path(job["out"]).read_text())
 
 
