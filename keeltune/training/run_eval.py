@@ -19,7 +19,7 @@ from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
-from keeltune.sharding.parallel import ParallelEnv, run_local_ranks
+from keeltune.sharding.parallel import ParallelEnv, exit_rank, run_local_ranks
 from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, complete_checkpoints
 
 
@@ -197,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

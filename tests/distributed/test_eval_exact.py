@@ -17,7 +17,7 @@ import torch
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate
 from keeltune.sharding.model import load_causal_lm
-from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.parallel import ParallelEnv, exit_rank
 torch.set_num_threads(1)
 parallel = ParallelEnv.from_environment()
 model = load_causal_lm(sys.argv[1]).eval()
@@ -28,6 +28,7 @@ result = evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, data
 if parallel.is_main:
     print("EVAL " + json.dumps({"loss": result.loss, "tokens": result.tokens, "ppl": result.ppl}), flush=True)
 parallel.close()
+exit_rank(0)
 """
 
 
