@@ -93,8 +93,7 @@ def test_usr2_from_slurm_checkpoints_requeues_and_resumes_exactly_on_two_nodes(
     job = _job_id(run_dir)
     _wait_for_step(run_dir, 2)
     slurm_cluster.run("scancel", "--signal=USR2", job)  # what Slurm sends before a time limit
-    slurm_cluster.wait_for_state(int(job), {"PENDING"}, timeout=120, source="squeue")  # requeued, held
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    slurm_cluster.release_requeued(int(job))
     state = slurm_cluster.wait_for_state(int(job), {"COMPLETED"}, timeout=300)
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
     assert state == "COMPLETED", rank0[-3000:]

@@ -92,8 +92,7 @@ def test_rendered_script_checkpoints_requeues_and_resumes_on_usr2(
         assert time.monotonic() < deadline, "no training step logged"
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR2", str(job))
-    slurm_cluster.wait_for_state(job, {"PENDING"}, timeout=120, source="squeue")
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    slurm_cluster.release_requeued(job)
     state = slurm_cluster.wait_for_state(job, {"COMPLETED"}, timeout=300)
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
     assert state == "COMPLETED", rank0[-3000:]
