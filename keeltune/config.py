@@ -78,15 +78,35 @@ class FieldNames:
 
 
 @dataclass(kw_only=True)
+class GenerateConfig:
+    """A train source drawn from the base model when training starts (self-replay): rehearsal of what the model
+    knew without any general data. Samples are plain text, written once to ``<run>/base_samples/<name>.jsonl``
+    and reused on resume."""
+
+    samples: int = 1000  # sequences drawn, shared among the ranks
+    temperature: float = 1.0  # 1.0 samples the base model's own distribution
+    max_new_tokens: int = 0  # per sample, after the BOS token; 0: data.seq_len - 1
+    batch_size: int = 16  # sequences generated at once on each rank
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 0:
+            raise ConfigError("samples, batch_size: must be >= 1; max_new_tokens: >= 0 (0: data.seq_len - 1)")
+        if not 0 < self.temperature <= 10:
+            raise ConfigError(f"temperature: must be > 0 and <= 10, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
 class SourceConfig:
-    """One data source: a file, a glob or a folder of JSONL, Parquet, plain text or a saved ``datasets`` folder.
+    """One data source: a file, a glob or a folder of JSONL, Parquet, plain text or a saved ``datasets`` folder;
+    or, for training only, text drawn from the base model (``generate``, no ``path``).
 
     ``weight`` sets its share of the training stream when several train sources are mixed (ratios: 80 and 20,
     or 0.8 and 0.2); held-out sets ignore it.
     """
 
     name: str
-    path: str
+    path: str = ""
+    generate: GenerateConfig | None = None
     type: Literal["auto", "jsonl", "parquet", "text", "hf_disk"] = "auto"
     format: Literal["text", "instruction", "chat", "sharegpt"] = "text"
     fields: FieldNames = field(default_factory=FieldNames)
@@ -98,8 +118,17 @@ class SourceConfig:
             raise ConfigError(
                 f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
             )
-        if not self.path:
-            raise ConfigError("path: required (a file, a glob such as data/*.jsonl, or a folder)")
+        if self.generate is not None:
+            if self.path or self.format != "text":
+                raise ConfigError(
+                    "generate: a source drawn from the base model has no path and is plain text (its samples go to "
+                    f"<run>/base_samples/{self.name}.jsonl); remove path/format, or remove generate"
+                )
+        elif not self.path:
+            raise ConfigError(
+                "path: required (a file, a glob such as data/*.jsonl, or a folder; or generate: {samples: N} "
+                "for text drawn from the base model)"
+            )
         if not 0 < self.weight < 1e6:
             raise ConfigError(f"weight: must be > 0 and < 1e6 (a mixing ratio), got {self.weight}")
 
@@ -145,16 +174,36 @@ class DataConfig:
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ConfigError(f"{key}: names must be unique within the list, {duplicates} used twice")
+        held_out = [("data.validation", self.validation)] if self.validation else []
+        held_out += [(f"data.retention.{i}", s) for i, s in enumerate(self.retention)]
+        for key, source in held_out:
+            if source.generate is not None:
+                raise ConfigError(
+                    f"{key}.generate: only train sources can be drawn from the base model; "
+                    "held-out sets measure the model against data it did not produce"
+                )
         check_mixing(self.train)
+
+    @staticmethod
+    def generated_file(run_dir: Path, source: SourceConfig) -> Path:
+        """Where the samples of a ``generate`` source are written."""
+        return run_dir / "base_samples" / f"{source.name}.jsonl"
 
     def prepared_root(self, run_dir: Path) -> Path:
         """The folder holding every prepared set of this config."""
         return Path(self.prepared_dir) if self.prepared_dir else run_dir / "data"
 
     def prepared_sets(self, run_dir: Path) -> list[tuple[str, SourceConfig, Path]]:
-        """(config key, source, prepared folder) for every train, validation and retention set."""
+        """(config key, source, prepared folder) for every train, validation and retention set; a ``generate``
+        source is given as the text file its samples are written to."""
         root = self.prepared_root(run_dir)
-        sets = [(f"data.train.{i}", s, root / f"train-{s.name}") for i, s in enumerate(self.train)]
+        sets = []
+        for i, source in enumerate(self.train):
+            if source.generate is None:
+                sets.append((f"data.train.{i}", source, root / f"train-{source.name}"))
+            else:  # depends on this run's model: prepared in the run folder, read as a text file
+                text = SourceConfig(name=source.name, path=str(self.generated_file(run_dir, source)))
+                sets.append((f"data.train.{i}", text, run_dir / "data" / f"train-{source.name}"))
         if self.validation:
             sets.append(("data.validation", self.validation, root / f"val-{self.validation.name}"))
         sets += [
@@ -866,7 +915,7 @@ def check_paths(config: Config) -> None:
     tokenizer = Path(config.model.tokenizer_path)
     if not tokenizer.is_dir():
         raise ConfigError(f"model.tokenizer: {tokenizer} is not a folder with a saved tokenizer")
-    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train)]
+    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train) if s.generate is None]
     sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
     if config.data.validation:
         sets.append(("data.validation", config.data.validation.path))

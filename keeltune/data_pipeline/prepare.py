@@ -475,7 +475,11 @@ def prepare_sets(
     ``progress``: a rich Progress to show records and tokens on. Returns (key, folder, what happened)."""
     done = []
     fingerprint = tokenizer_fingerprint(tokenizer)
+    generated = {f"data.train.{i}" for i, s in enumerate(data.train) if s.generate is not None}
     for key, source, folder in data.prepared_sets(run_dir):
+        if key in generated and not Path(source.path).is_file():
+            done.append((key, folder, "drawn from the base model when training starts"))
+            continue
         if held_out_only:
             if key.startswith("data.train."):
                 continue

@@ -32,6 +32,14 @@ class Backend(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
+    def sample(
+        self, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_token_id: int | None,
+        pad_token_id: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Continuations drawn from the model as it is now (before the first step: the base model); when
+        ``partitioned`` every rank makes the same number of calls."""
+        ...
+
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The pretrained model's logits, without gradients (the KL penalty's target)."""
         ...

@@ -7,6 +7,7 @@ import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -18,6 +19,7 @@ from keeltune.sharding.model import (
     decay_groups,
     enable_activation_checkpointing,
     load_causal_lm,
+    sample_sequences,
 )
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import WeightAnchor, add_neftune
@@ -82,6 +84,10 @@ class ReplicaBackend:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    def sample(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        with self._autocast():
+            return sample_sequences(self.model, input_ids, **options)
 
 
 class DDPBackend(ReplicaBackend):

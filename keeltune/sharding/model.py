@@ -90,3 +90,31 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@torch.no_grad()
+def sample_sequences(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling (no top-k or top-p cut) of continuations of ``input_ids``; rows that reach EOS are
+    padded. ``synced_gpus``: ZeRO-3, where every rank must run every forward until all ranks are done."""
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,  # no empty documents: EOS only after a first token
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        synced_gpus=synced_gpus,
+    )

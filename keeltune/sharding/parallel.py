@@ -105,6 +105,14 @@ class ParallelEnv:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, value: object) -> list[object]:
+        """Every rank's value, in rank order, on rank 0 (an empty list elsewhere)."""
+        if not self.distributed:
+            return [value]
+        out: list[object] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, out, dst=0)
+        return out or []
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

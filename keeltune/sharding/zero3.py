@@ -31,6 +31,7 @@ from keeltune.sharding.model import (
     causal_lm_config,
     decay_groups,
     enable_activation_checkpointing,
+    sample_sequences,
 )
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import add_neftune
@@ -315,6 +316,9 @@ class Zero3Backend:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def sample(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        return sample_sequences(self.model, input_ids, synced_gpus=self.parallel.distributed, **options)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

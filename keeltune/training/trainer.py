@@ -24,6 +24,7 @@ from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
 from keeltune.sharding.parallel import ParallelEnv
+from keeltune.training.base_samples import draw_base_samples
 from keeltune.training.checkpoint import load_checkpoint, save_checkpoint
 from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
@@ -99,6 +100,8 @@ class Trainer:
         self.accumulation = config.training.gradient_accumulation(parallel.world_size)
         seed_everything(config.training.seed)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
+        self.backend: Backend = build_backend(config, parallel)
+        draw_base_samples(config, self.backend, self.tokenizer, parallel)  # before the first step and resume
         self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
         self.stream = TrainStream(
             self.train_sources,
@@ -111,7 +114,6 @@ class Trainer:
         self.loader = StepLoader(
             self.stream, micro_batch=config.training.micro_batch_size, workers=config.data.loader_workers
         )
-        self.backend: Backend = build_backend(config, parallel)
         self.step = 0
         self.baseline: dict[str, float] = {}
         self.early_stopping = EarlyStopping(config.regularization.early_stopping)

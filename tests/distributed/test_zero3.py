@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,8 @@ STEPS = 6
 
 
 def zero3_config(assets: dict, root: Path, name: str, backend: str = "zero3") -> dict:
-    return base_config(
+    """Training mixes in text drawn from the base model (self-replay)."""
+    config = base_config(
         assets,
         root,
         run={"name": name, "root": str(root)},
@@ -38,6 +40,15 @@ def zero3_config(assets: dict, root: Path, name: str, backend: str = "zero3") ->
         eval={"every_steps": 3, "micro_batch_size": 4},
         sharding={"backend": backend},
     )
+    config["data"]["train"] = [
+        {**config["data"]["train"][0], "weight": 0.75},
+        {
+            "name": "base",
+            "generate": {"samples": 6, "max_new_tokens": 20},
+            "weight": 0.25,
+        },
+    ]
+    return config
 
 
 def _train(cfg: Path, nproc: int) -> None:
@@ -49,8 +60,10 @@ def _train(cfg: Path, nproc: int) -> None:
 def runs(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An uninterrupted 2-rank ZeRO-3 run and a 1-rank plain data-parallel run of the same config."""
     root = tmp_path_factory.mktemp("zero3")
-    _train(write_config(root / "ddp.yaml", zero3_config(assets, root / "runs", "ddp", backend="ddp")), 1)
     _train(write_config(root / "z3.yaml", zero3_config(assets, root / "runs", "z3")), 2)
+    # the same base-model samples (one rank would draw others): a run reuses a samples file it finds
+    shutil.copytree(root / "runs" / "z3" / "base_samples", root / "runs" / "ddp" / "base_samples")
+    _train(write_config(root / "ddp.yaml", zero3_config(assets, root / "runs", "ddp", backend="ddp")), 1)
     return {"root": root, "ddp": root / "runs" / "ddp", "z3": root / "runs" / "z3"}
 
 
@@ -72,6 +85,37 @@ def test_two_rank_zero3_equals_one_rank_data_parallel(runs: dict[str, Path]) -> 
         assert torch.allclose(weights[name], reference[name], atol=1e-4, rtol=0), name
     rank1 = (runs["z3"] / "logs" / "rank1.log").read_text()
     assert "[rank1/" in rank1
+
+
+def test_base_samples_under_zero3_are_what_the_base_model_draws(runs: dict[str, Path], assets: dict) -> None:
+    """Each rank draws its share with its own seed; transformers' model seeded the same draws the same text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from keeltune.sharding.model import sample_sequences
+    from keeltune.training.base_samples import decode_samples, sample_seed
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+
+    def drawn(world_size: int) -> list[str]:
+        texts = []
+        for rank in range(world_size):
+            torch.manual_seed(sample_seed(0, rank))
+            ids = sample_sequences(
+                model,
+                torch.full((6 // world_size, 1), tokenizer.bos_token_id),
+                max_new_tokens=20,
+                temperature=1.0,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            texts += decode_samples(tokenizer, ids)
+        return texts
+
+    lines = (runs["z3"] / "base_samples" / "base.jsonl").read_text().splitlines()
+    got = [json.loads(line)["text"] for line in lines]
+    assert len(got) >= 5 and got == drawn(2)  # partitioned ranks generating in lockstep
+    assert got != drawn(1)  # each rank has its own seed
 
 
 def _val_loss_with_transformers(run_dir: Path, model_dir: Path) -> float:
