@@ -8,15 +8,17 @@ selection split (``python-docs``, first seed) and reported on the other (``pytho
     removed = 1 - forgetting(method) / forgetting(none)     forgetting = retention perplexity rise, percent
     cost    = task val loss(method) / task val loss(none) - 1
 
-Methods: replay of general text, KL to the base, L2-SP, EWC (Fisher on the selection split), LoRA adapters
-(the qlora backend), combinations, and weight interpolation toward the base after training (WiSE-FT,
+Methods: replay of general text, self-replay (text drawn from the base model when training starts, no general
+data), KL to the base, L2-SP, EWC (Fisher on the selection split), LoRA adapters (the qlora backend),
+combinations, and weight interpolation toward the base after training (WiSE-FT,
 ``keeltune export --interpolate``), alone and after KL.
 Selection: the setting removing the most forgetting within the cost budget of its goal (2% for methods that
-train on general data, 3% for those that do not: KL, L2-SP, EWC, LoRA, interpolation); the cheapest setting
-if none fits.
+train on general data, 3% for those that do not: self-replay, KL, L2-SP, EWC, LoRA, interpolation); the
+cheapest setting if none fits.
 Finished runs are kept in ``ROOT/results.json`` and not run again, so an interrupted benchmark continues.
 
     python bench/forgetting.py [--root /tmp/keeltune-forgetting] [--seeds 0 1] [--plot docs/forgetting.png]
+                               [--methods self-replay kl ...]
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def run_name(setting: Setting, seed: int) -> str:
     return f"fg-{method}-{label}-s{seed}"
 
 
+def self_replay_overrides(task: dict[str, str], share: float) -> dict[str, Any]:
+    """Mix ``share`` of text drawn from the base model when training starts (no general data)."""
+    generated = {"name": "base-samples", "generate": {"samples": 1000}}
+    return {"data": {"train": [{**task, "weight": round(1 - share, 6)}, {**generated, "weight": share}]}}
+
+
 def settings(task: dict[str, str], files: DemoFiles) -> list[Setting]:
     """The grid: every method at a few strengths around what the prototype in STACK_NOTES suggested."""
     none = Setting("none", "-")
@@ -118,6 +126,17 @@ def settings(task: dict[str, str], files: DemoFiles) -> list[Setting]:
             {"regularization": {"kl": {"weight": w}, "ewc": {"weight": e, "sets": [SELECT]}}},
         )
         for w, e in ((0.5, 1e4), (0.25, 3e4), (0.25, 1e5))
+    ]
+    grid += [
+        Setting("self-replay", f"{int(s * 100)}%", self_replay_overrides(task, s)) for s in (0.1, 0.2, 0.3)
+    ]
+    grid += [
+        Setting(
+            "self-replay+kl",
+            f"{int(s * 100)}% w={w:g}",
+            {**self_replay_overrides(task, s), "regularization": {"kl": {"weight": w}}},
+        )
+        for s, w in ((0.2, 0.25),)
     ]
     grid += [Setting("wise-ft", f"a={a:g}", alpha=a, source=none) for a in (0.3, 0.5, 0.7)]
     kl = next(s for s in grid if s.key == "kl:w=0.25")
@@ -292,11 +311,19 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/keeltune-forgetting"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--plot", type=Path, default=Path("docs/forgetting.png"))
+    parser.add_argument("--methods", nargs="+", help="only these methods (and the unregularized baseline)")
     args = parser.parse_args()
     console = Console(width=200)  # tables on one line each, for docs
     started = time.perf_counter()
     bench = Bench(args.root.resolve(), console)
     grid = settings(bench.task, bench.files)
+    if args.methods:
+        unknown = set(args.methods) - {s.method for s in grid}
+        if unknown:
+            parser.error(f"--methods: unknown {sorted(unknown)}; known: {sorted({s.method for s in grid})}")
+        grid = [
+            s for s in grid if s.method in {"none", *args.methods} and (s.source is None or s.source in grid)
+        ]
     first, *others = args.seeds
     for setting in grid:
         bench.run(setting, first)
