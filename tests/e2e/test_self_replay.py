@@ -1,6 +1,6 @@
 """Self-replay: a train source drawn from the base model when training starts, mixed in by weight, reused.
-Here under QLoRA; tests/distributed/test_zero3.py checks the samples against transformers' greedy generation
-under plain data parallel and 2-rank ZeRO-3."""
+Here under QLoRA; tests/distributed/test_zero3.py checks 2-rank ZeRO-3's samples against transformers' own
+sampling with each rank's seed, and that a run finding a samples file trains on it (its losses equal ZeRO-3's)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "runs" / "self"
 
 
-def test_samples_are_drawn_once_mixed_in_by_weight_and_reused(run: Path, assets: dict) -> None:
+def test_samples_are_drawn_and_mixed_in_by_weight(run: Path, assets: dict) -> None:
     drawn = samples(run)
     assert SAMPLES - 2 <= len(drawn) <= SAMPLES  # rows of special tokens only are dropped
     assert len(set(drawn)) > SAMPLES // 2  # temperature 1 samples, not one greedy text
@@ -58,11 +58,6 @@ def test_samples_are_drawn_once_mixed_in_by_weight_and_reused(run: Path, assets:
     ]
     assert fractions and abs(fractions[-1] - 0.25) < 0.05
     assert (run / "data" / "train-base-samples" / "index.json").is_file()
-    before = (run / "base_samples" / "base-samples.jsonl").stat().st_mtime_ns
-    again = keeltune("train", str(run / "config.yaml"))  # a requeued or repeated job: the samples are kept
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (run / "base_samples" / "base-samples.jsonl").stat().st_mtime_ns == before
-    assert samples(run) == drawn
 
 
 @pytest.mark.parametrize(
