@@ -26,10 +26,10 @@ from keeltune.sharding.parallel import ParallelEnv
 log = logging.getLogger("keeltune")
 
 
-def draw_base_samples(config: Config, backend: Backend, tokenizer: Any, parallel: ParallelEnv) -> list[Path]:
+def draw_base_samples(config: Config, backend: Backend, tokenizer: Any, parallel: ParallelEnv) -> None:
     """Draw every ``generate`` train source whose samples file does not exist yet (call before the first
-    optimizer step, on every rank); returns the files written."""
-    written = []
+    optimizer step, on every rank)."""
+    prepared = {key: folder for key, _, folder in config.data.prepared_sets(config.run_dir)}
     for i, source in enumerate(config.data.train):
         if source.generate is None:
             continue
@@ -46,10 +46,8 @@ def draw_base_samples(config: Config, backend: Backend, tokenizer: Any, parallel
         if parallel.is_main:
             _write(file, drawn)
             # shards prepared from earlier samples (a run restarted without its samples file) are stale
-            shutil.rmtree(config.run_dir / "data" / f"train-{source.name}", ignore_errors=True)
+            shutil.rmtree(prepared[f"data.train.{i}"], ignore_errors=True)
         parallel.barrier()
-        written.append(file)
-    return written
 
 
 def sample_seed(seed: int, rank: int) -> int:
@@ -69,9 +67,8 @@ def _draw(
     """This rank's samples, decoded; empty ones (special tokens only) are dropped."""
     options = source.generate
     assert options is not None
-    per_rank = math.ceil(
-        options.samples / parallel.world_size
-    )  # equal on every rank: ZeRO-3 calls in lockstep
+    # the same count on every rank: ZeRO-3 ranks generate in lockstep
+    per_rank = math.ceil(options.samples / parallel.world_size)
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new_tokens = options.max_new_tokens or config.data.seq_len - 1
