@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from keeltune.config import load_config
 from keeltune.eval.evaluate import token_nll
-from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.parallel import ParallelEnv, exit_rank
 from keeltune.sharding.qlora import QLoraBackend, trainable_state
 
 
@@ -45,3 +45,4 @@ def main(config_file: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_rank(0)  # as keeltune's ranks: gloo threads can abort a finished process at interpreter exit

@@ -13,7 +13,7 @@ import torch
 
 from keeltune.config import load_config
 from keeltune.sharding.model import causal_lm_config
-from keeltune.sharding.parallel import ParallelEnv
+from keeltune.sharding.parallel import ParallelEnv, exit_rank
 from keeltune.sharding.plan import deepspeed_config, model_hidden_size
 from keeltune.sharding.zero3 import (
     _ensure_process_group,
@@ -66,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # as keeltune's ranks: gloo threads can abort a finished process at interpreter exit
