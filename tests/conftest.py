@@ -121,6 +121,15 @@ def base_config(assets: dict[str, Path], run_root: Path, **sections: dict[str, A
     return config
 
 
+def with_base_samples(config: dict[str, Any], name: str, **generate: Any) -> dict[str, Any]:
+    """``config`` training on its task source (weight 0.75) and on text drawn from the base model (0.25)."""
+    config["data"]["train"] = [
+        {**config["data"]["train"][0], "weight": 0.75},
+        {"name": name, "generate": generate, "weight": 0.25},
+    ]
+    return config
+
+
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+from tests.conftest import base_config, keeltune, read_metrics, train_losses, with_base_samples, write_config
 
 STEPS = 6
 
@@ -40,15 +40,7 @@ def zero3_config(assets: dict, root: Path, name: str, backend: str = "zero3") ->
         eval={"every_steps": 3, "micro_batch_size": 4},
         sharding={"backend": backend},
     )
-    config["data"]["train"] = [
-        {**config["data"]["train"][0], "weight": 0.75},
-        {
-            "name": "base",
-            "generate": {"samples": 6, "max_new_tokens": 20},
-            "weight": 0.25,
-        },
-    ]
-    return config
+    return with_base_samples(config, "base", samples=6, max_new_tokens=20)
 
 
 def _train(cfg: Path, nproc: int) -> None:

@@ -9,27 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import base_config, keeltune, read_metrics, write_config
+from tests.conftest import base_config, keeltune, read_metrics, with_base_samples, write_config
 
 SAMPLES = 24
 
 
-def self_replay_config(assets: dict, root: Path, temperature: float = 1.0) -> dict:
+def self_replay_config(assets: dict, root: Path) -> dict:
     config = base_config(assets, root, run={"name": "self", "root": str(root)}, sharding={"backend": "qlora"})
-    config["data"]["train"] = [
-        {**config["data"]["train"][0], "weight": 0.75},
-        {
-            "name": "base-samples",
-            "generate": {
-                "samples": SAMPLES,
-                "temperature": temperature,
-                "max_new_tokens": 40,
-                "batch_size": 10,
-            },
-            "weight": 0.25,
-        },
-    ]
-    return config
+    return with_base_samples(config, "base-samples", samples=SAMPLES, max_new_tokens=40, batch_size=10)
 
 
 def samples(run_dir: Path) -> list[str]:

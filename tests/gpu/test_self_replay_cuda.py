@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import base_config, keeltune, read_metrics, write_config
+from tests.conftest import base_config, keeltune, read_metrics, with_base_samples, write_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,10 +24,7 @@ def test_base_samples_are_drawn_on_cuda_and_mixed_in(assets: dict, tmp_path: Pat
         training={"max_steps": 4, "warmup_steps": 1, "precision": "bf16"},
         sharding={"backend": backend},
     )
-    config["data"]["train"] = [
-        {**config["data"]["train"][0], "weight": 0.75},
-        {"name": "base", "generate": {"samples": 16, "max_new_tokens": 24, "batch_size": 8}, "weight": 0.25},
-    ]
+    with_base_samples(config, "base", samples=16, max_new_tokens=24, batch_size=8)
     done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "test"
