@@ -21,7 +21,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_resource_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, help="override slurm.nodes")
-    parser.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
+    parser.add_argument(
+        "--gpus-per-node", type=int, help="override slurm.gpus_per_node (0: CPU ranks, see --ntasks-per-node)"
+    )
+    parser.add_argument("--ntasks-per-node", type=int, help="override slurm.ntasks_per_node (CPU ranks)")
     for option in ("partition", "time", "account", "qos"):
         parser.add_argument(f"--{option}", help=f"override slurm.{option}")
 
@@ -31,12 +34,12 @@ def _load_with_resources(args: argparse.Namespace):
     from keeltune.config import check_paths, check_world_size, load_config
 
     overrides = list(args.overrides)
-    for key in ("nodes", "gpus_per_node", "partition", "time", "account", "qos"):
+    for key in ("nodes", "gpus_per_node", "ntasks_per_node", "partition", "time", "account", "qos"):
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"slurm.{key}={value}")
     config = load_config(args.config, overrides)
-    check_world_size(config, config.slurm.nodes * config.slurm.gpus_per_node)
+    check_world_size(config, config.slurm.world_size)
     check_paths(config)
     return config
 
@@ -234,11 +237,16 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     run_dir, _ = prepare_run_dir(config)
     args.output.write_text(render_sbatch(config, run_dir))
     args.output.chmod(0o755)
-    print(
-        f"wrote {args.output}: {config.slurm.nodes} node(s) x {config.slurm.gpus_per_node} GPU(s), run folder {run_dir}"
-    )
+    print(f"wrote {args.output}: {config.slurm.nodes} node(s) x {_ranks_text(config)}, run folder {run_dir}")
     print(f"submit with: sbatch {args.output}")
     return 0
+
+
+def _ranks_text(config) -> str:
+    slurm = config.slurm
+    if slurm.gpus_per_node:
+        return f"{slurm.gpus_per_node} GPU(s), one rank each"
+    return f"{slurm.ranks_per_node} CPU rank(s)"
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -248,17 +256,18 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from keeltune.sharding.plan import estimate_gpu_memory
 
     config = _load_with_resources(args)
-    ranks = config.slurm.nodes * config.slurm.gpus_per_node
+    ranks = config.slurm.world_size
     for key, _, folder in config.data.prepared_sets(config.run_dir):  # before the job waits in a queue
         print(f"data {key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
     if args.dry_run:
         memory = estimate_gpu_memory(config, ranks)
         print(submit.dry_run_script(config, config.run_dir.resolve()), end="")
         parts = ", ".join(f"{k} {v:.1f}" for k, v in memory.items() if k != "total")
+        device = "GPU" if config.slurm.gpus_per_node else "rank (CPU ranks: host memory)"
         print(
-            f"# estimated memory per GPU ({config.sharding.backend}, {ranks} rank(s)): {memory['total']:.1f} GiB ({parts})"
+            f"# estimated memory per {device} ({config.sharding.backend}, {ranks} rank(s)): {memory['total']:.1f} GiB ({parts})"
         )
-        if memory["total"] > 0.9 * config.slurm.gpu_memory_gb:
+        if config.slurm.gpus_per_node and memory["total"] > 0.9 * config.slurm.gpu_memory_gb:
             print(
                 f"# WARNING: that is more than 90% of slurm.gpu_memory_gb={config.slurm.gpu_memory_gb:g}: it will "
                 "likely not fit; use more GPUs (zero3), sharding.zero3.offload_optimizer: cpu, "
@@ -270,7 +279,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     record, job = submit.submit(config, run_dir, local=args.local)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
     print(
-        f"submitted job {record.job_id} ({record.cluster}, {config.slurm.nodes} node(s) x {config.slurm.gpus_per_node} rank(s)), {where}"
+        f"submitted job {record.job_id} ({record.cluster}, {config.slurm.nodes} node(s) x {_ranks_text(config)}), {where}"
     )
     print(f"run folder   {run_dir}")
     print(f"logs         {run_dir / 'logs'}/rank<R>.log  (keeltune logs {run_dir} --rank R --follow)")
@@ -298,34 +307,74 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from keeltune.config import load_config
+    from keeltune.config import ConfigError, load_config
     from keeltune.launcher import submit
+    from keeltune.training.manifest import damaged_checkpoints
     from keeltune.training.run_files import CONFIG_FILE, latest_checkpoint
 
-    record = submit.latest_record(args.run)
-    config = load_config(args.run / CONFIG_FILE)
-    state = submit.job_state(record)
-    print(
-        f"job          {record.job_id} ({record.cluster}): {state['state']}"
-        + (f", {state['reason']}" if state["reason"] not in ("", "None") else "")
-        + (f", elapsed {state['elapsed']}" if state["elapsed"] else "")
-        + (f", on {state['nodes']}" if state["nodes"] not in ("", "None assigned") else "")
-    )
-    for line in submit.dead_ranks(record):
-        print(f"failure      {line}")
+    config_file = args.run / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{args.run}: not a run folder (no {CONFIG_FILE})")
+    config = load_config(config_file)
+    jobs = submit.read_records(args.run)
+    if jobs:
+        _print_job(jobs[-1], args.run)
+    else:
+        print("job          none launched (a run of keeltune train, or not started yet)")
     print(f"progress     {submit.progress(args.run, config.training.max_steps)}")
     checkpoint = latest_checkpoint(args.run)
     print(f"checkpoint   {checkpoint.name if checkpoint else 'none yet'}")
-    print(f"launches     {len(submit.read_records(args.run))}")
+    for note in damaged_checkpoints(args.run):
+        print(
+            f"damaged      {note['checkpoint']}, moved aside to {Path(note['path']).name} "
+            f"({'; '.join(note['problems'])}); the run falls back to the newest intact checkpoint"
+        )
+    print(f"launches     {len(jobs)}")
     return 0
+
+
+def _print_job(record, run_dir: Path) -> None:
+    """The job's state, then how its ranks ended: each rank's own record, else what srun saw of them."""
+    from keeltune.launcher import submit
+    from keeltune.launcher.rank_records import explain, read_records
+
+    state = submit.job_state(record)
+    print(
+        f"job          {record.job_id} ({record.cluster}{', sbatch script' if record.launcher == 'sbatch' else ''}): "
+        f"{state['state']}"
+        + (
+            f", {state['reason']}"
+            if state["state"] == "PENDING" and state["reason"] not in ("", "None")
+            else ""
+        )
+        + (f", elapsed {state['elapsed']}" if state["elapsed"] else "")
+        + (f", on {state['nodes']}" if state["nodes"] not in ("", "None assigned") else "")
+    )
+    ended = explain(
+        read_records(run_dir),
+        job=record.job_id if record.cluster == "slurm" else "",
+        world_size=record.ranks,
+        since=record.submitted,
+    )
+    for label, text in ended:
+        print(f"{label:<12} {text}")
+    if not ended:
+        for line in submit.dead_ranks(record):
+            print(f"failure      {line}")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     import time
 
+    from keeltune.config import ConfigError
     from keeltune.launcher import submit
 
     record = submit.latest_record(args.run)
+    if not 0 <= args.rank < record.ranks:
+        raise ConfigError(
+            f"--rank {args.rank}: this run has {record.ranks} rank(s), 0 to {record.ranks - 1} "
+            f"({record.nodes} node(s) x {record.tasks_per_node})"
+        )
     path = submit.rank_logs(args.run, args.rank)
     offset = 0
     while True:
@@ -358,9 +407,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from keeltune.launcher import submit
 
     record = submit.latest_record(args.run)
+    state = submit.job_state(record)["state"]
+    if state in submit.ENDED_STATES:
+        print(
+            f"job {record.job_id} ({record.cluster}) already ended ({state}): nothing to cancel",
+            file=sys.stderr,
+        )
+        return 1
     submit.cancel(record)
     print(
-        f"cancelled job {record.job_id} ({record.cluster}); resume later with keeltune launch (same config)"
+        f"cancelled job {record.job_id} ({record.cluster}); its ranks checkpoint at the next step boundary. "
+        "Resume later with keeltune launch (same config)"
     )
     return 0
 
@@ -369,7 +426,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from keeltune.config import ConfigError, load_config
     from keeltune.sharding.backends import export_checkpoint
     from keeltune.sharding.model import load_tokenizer
-    from keeltune.training.run_files import CONFIG_FILE, complete_checkpoints
+    from keeltune.training.manifest import checkpoint_to_read
+    from keeltune.training.run_files import CONFIG_FILE, follow_umask
 
     config_file = args.run / CONFIG_FILE
     if not config_file.is_file():
@@ -377,17 +435,18 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{args.run}: not a run folder (no {CONFIG_FILE}); give the folder `keeltune train` made"
         )
     config = load_config(config_file)
-    found = {int(path.name.removeprefix("step_")): path for path in complete_checkpoints(args.run)}
-    if not found:
-        raise ConfigError(f"{args.run}: no complete checkpoint to export")
-    step = max(found) if args.checkpoint is None else args.checkpoint
-    if step not in found:
-        raise ConfigError(f"--checkpoint {step}: not in {args.run}; complete checkpoints: {sorted(found)}")
+    checkpoint, notes = checkpoint_to_read(
+        args.run, args.checkpoint, checksums=config.training.checkpoint.verify == "checksum"
+    )
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    step = int(checkpoint.name.removeprefix("step_"))
     if args.interpolate is not None and config.sharding.backend == "qlora" and not args.merge:
         raise ConfigError("--interpolate: a QLoRA run's full weights exist only merged; add --merge")
     tokenizer = load_tokenizer(config.model.tokenizer_path)
-    for folder in export_checkpoint(config, found[step], args.out, merge=args.merge):
+    for folder in export_checkpoint(config, checkpoint, args.out, merge=args.merge):
         tokenizer.save_pretrained(folder)
+        follow_umask(folder)
         note = ""
         if args.interpolate is not None and (folder / "config.json").is_file():  # not the adapter folder
             from keeltune.sharding.interpolate import interpolate_toward_base
@@ -469,11 +528,12 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from keeltune.config import ConfigError
     from keeltune.data_pipeline.prepare import DataError
+    from keeltune.training.manifest import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

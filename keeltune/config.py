@@ -144,6 +144,11 @@ class DataConfig:
     prepared_dir: str = ""  # where shards go; default: <run folder>/data
     shard_samples: int = 8192  # packed samples per shard file
     long_documents: Literal["split", "truncate"] = "split"  # documents longer than seq_len + 1 tokens
+    # instruction/chat records whose prompt (the tokens before the first learned one) fills seq_len or more:
+    # "truncate" cuts the prompt from the left (keeping BOS) so the answer follows its nearest context,
+    # "drop" leaves the record out; both are counted by prepare. Split, such a prompt would only make samples
+    # without a single target token
+    long_prompts: Literal["truncate", "drop"] = "truncate"
     prepare_workers: int = 0  # tokenizer processes for prepare; 0: one per core
     loader_workers: int = (
         0  # DataLoader processes reading ahead during training; 0: the training process reads
@@ -240,6 +245,9 @@ class CheckpointConfig:
 
     every_steps: int = 100
     keep_last: int = 2
+    # what a resume (and export, eval) checks against each checkpoint's manifest before trusting it: "checksum"
+    # hashes every file (each rank its share, in parallel), "size" only compares sizes (for huge models)
+    verify: Literal["checksum", "size"] = "checksum"
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
@@ -534,7 +542,8 @@ class SlurmConfig:
     """Cluster submission: resources (overridable on the command line) and the job's environment."""
 
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # one rank per GPU; 0: CPU ranks on a partition without GPUs (ntasks_per_node)
+    ntasks_per_node: int = 0  # ranks per node; 0: gpus_per_node (with gpus_per_node: 0, one)
     partition: str = ""
     time: str = "01:00:00"
     account: str = ""
@@ -552,8 +561,16 @@ class SlurmConfig:
     gpu_memory_gb: float = 80.0  # per GPU, for the memory estimate of `keeltune launch --dry-run`
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ConfigError("slurm.nodes and slurm.gpus_per_node: must be >= 1")
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.ntasks_per_node < 0:
+            raise ConfigError(
+                "slurm.nodes: must be >= 1; slurm.gpus_per_node and slurm.ntasks_per_node: >= 0 "
+                "(gpus_per_node: 0 runs CPU ranks, ntasks_per_node of them per node)"
+            )
+        if self.gpus_per_node and self.ntasks_per_node not in (0, self.gpus_per_node):
+            raise ConfigError(
+                f"slurm.ntasks_per_node={self.ntasks_per_node} with gpus_per_node={self.gpus_per_node}: keeltune "
+                "runs one rank per GPU; leave ntasks_per_node out (or 0), or set gpus_per_node: 0 for CPU ranks"
+            )
         if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
             raise ConfigError(f"slurm.time: {self.time!r} is not a Slurm time (e.g. 04:00:00 or 1-12:00:00)")
         if self.cpus_per_task < 0:
@@ -575,6 +592,15 @@ class SlurmConfig:
         for key in ("job_name", "partition", "account", "qos", "mem"):
             if "\n" in getattr(self, key):
                 raise ConfigError(f"slurm.{key}: must be one line")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """One rank per GPU, or ``ntasks_per_node`` CPU ranks (at least one) when there are no GPUs."""
+        return self.gpus_per_node or self.ntasks_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
 
 
 @dataclass(kw_only=True)
@@ -670,43 +696,121 @@ class _Source:
         return f"{self.path}: "
 
 
-def _construct(node: yaml.Node, key: str, source: _Source) -> Any:
+MAX_YAML_VALUES = 20_000  # values a config may expand to through anchors and aliases (real ones: hundreds)
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Expansion:
+    """Counts the values built from a YAML document, aliases expanded: an alias bomb ("billion laughs") is
+    refused at the cap instead of eating memory."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.values = path, 0
+        self.open: set[int] = set()  # the collections being built: an alias to one of them contains itself
+        self.scalars = yaml.SafeLoader("")  # builds scalar values (one loader: making one per value is slow)
+
+    def count(self, node: yaml.Node) -> None:
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{self.path}:{node.start_mark.line + 1}: the config expands to more than {MAX_YAML_VALUES:,} "
+                "values through YAML anchors and aliases (an alias bomb?); a config needs a few hundred: "
+                "write the values out, or use fewer nested aliases"
+            )
+
+
+def _merged_pairs(
+    node: yaml.MappingNode, source: _Source, expansion: _Expansion
+) -> list[tuple[yaml.Node, yaml.Node]]:
+    """The mapping's key/value pairs with YAML merge keys (``<<: *base``) applied: merged keys first, the
+    mapping's own keys override them."""
+    merged: list[tuple[yaml.Node, yaml.Node]] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != MERGE_TAG:
+            own.append((key_node, value_node))
+            continue
+        bases = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for base in bases:
+            expansion.count(base)
+            if not isinstance(base, yaml.MappingNode):
+                raise ConfigError(
+                    f"{source.path}:{key_node.start_mark.line + 1}: '<<' merges mappings (an alias of one, or a "
+                    "list of them)"
+                )
+            merged += _merged_pairs(base, source, expansion)
+    names = {str(k.value) for k, _ in own}
+    seen: set[str] = set()
+    kept = []
+    for key_node, value_node in reversed(merged):  # the first base wins among bases, as YAML says
+        name = str(key_node.value)
+        if name not in names and name not in seen:
+            seen.add(name)
+            kept.append((key_node, value_node))
+    return kept[::-1] + own
+
+
+def _construct(node: yaml.Node, key: str, source: _Source, expansion: _Expansion) -> Any:
+    expansion.count(node)
     if key not in source.places:
         source.mark(key, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in expansion.open:
+            raise ConfigError(
+                f"{source.path}:{node.start_mark.line + 1}: {key or 'config'}: an alias that contains itself "
+                "(its anchor is around it); YAML configs must be finite"
+            )
+        expansion.open.add(id(node))
+        try:
+            return _construct_collection(node, key, source, expansion)
+        finally:
+            expansion.open.discard(id(node))
+    return expansion.scalars.construct_object(node, deep=True)
+
+
+def _construct_collection(node: yaml.Node, key: str, source: _Source, expansion: _Expansion) -> Any:
     if isinstance(node, yaml.MappingNode):
+        given: set[str] = set()
+        for key_node, _ in node.value:
+            name = str(key_node.value)
+            if key_node.tag != MERGE_TAG and name in given:
+                child = f"{key}.{name}" if key else name
+                raise ConfigError(f"{source.path}:{key_node.start_mark.line + 1}: {child}: key given twice")
+            given.add(name)
         out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node in _merged_pairs(node, source, expansion):
             name = str(key_node.value)
             child = f"{key}.{name}" if key else name
-            if name in out:
-                raise ConfigError(f"{source.path}:{key_node.start_mark.line + 1}: {child}: key given twice")
             source.mark(child, key_node.start_mark.line + 1)
-            out[name] = _construct(value_node, child, source)
+            out[name] = _construct(value_node, child, source, expansion)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(item, f"{key}.{i}" if key else str(i), source) for i, item in enumerate(node.value)
-        ]
-    return yaml.SafeLoader(" ").construct_object(node, deep=True)
+    return [
+        _construct(item, f"{key}.{i}" if key else str(i), source, expansion)
+        for i, item in enumerate(node.value)
+    ]
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], _Source]:
     source = _Source(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the config
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return {}, source
+        data = _construct(node, "", source, _Expansion(str(path)))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: malformed YAML: {err.problem or err}") from None
-    if node is None:
-        return {}, source
-    data = _construct(node, "", source)
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deeply (hundreds of levels); a config is a few levels deep"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...)")
     return data, source
@@ -840,6 +944,8 @@ def _apply_override(data: dict[str, Any], assignment: str, source: _Source) -> N
                 raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of that list")
             node = node[int(part)]
             continue
+        if part not in node:  # a section the override creates: an error in it is the override's
+            source.places[".".join(parts[: i + 1])] = f"--set {assignment}"
         node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")

@@ -154,3 +154,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def wandb_history(run_file: Path) -> list[dict[str, str]]:
+    """The history rows of an offline W&B run file (W&B's own record format: a 7-byte header, then records in
+    32 KiB blocks, each a 7-byte header and a protobuf ``Record``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    position, chunks, rows = 7, [], []
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:
+            position += left
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        chunks.append(data[position + 7 : position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or its last piece
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+    return rows

@@ -14,6 +14,7 @@ disk leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -39,6 +40,7 @@ FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 CHUNK_RECORDS = 256
+TARGETLESS_WARNING = 0.1  # prepare warns when more than this share of a set's samples have no target token
 
 log = logging.getLogger("keeltune")
 
@@ -86,7 +88,13 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.bin"
 
 
-def recipe(source: SourceConfig, seq_len: int, long_documents: str, digests: bool = False) -> dict[str, Any]:
+def recipe(
+    source: SourceConfig,
+    seq_len: int,
+    long_documents: str,
+    long_prompts: str = "truncate",
+    digests: bool = False,
+) -> dict[str, Any]:
     """Everything the prepared samples depend on besides the tokenizer: settings and the input files (size,
     modification time, and with ``digests`` their sha256)."""
     files = []
@@ -94,7 +102,10 @@ def recipe(source: SourceConfig, seq_len: int, long_documents: str, digests: boo
         stats = {"path": str(path), "type": kind, **_file_stat(path)}
         files.append({**stats, "sha256": file_digest(path)} if digests else stats)
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "weight")}
-    return {**settings, "seq_len": seq_len, "long_documents": long_documents, "files": files}
+    return {
+        **settings, "seq_len": seq_len, "long_documents": long_documents, "long_prompts": long_prompts,
+        "files": files,
+    }  # fmt: skip
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -117,13 +128,26 @@ def file_digest(path: Path) -> str:
 
 
 def _files_changed(now: list[dict[str, Any]], then: list[dict[str, Any]]) -> bool:
-    """Other files, sizes, or contents; a file rewritten with the same bytes (a new mtime) is unchanged."""
-    if [(f["path"], f["type"], f["size"]) for f in now] != [(f["path"], f["type"], f["size"]) for f in then]:
+    """Other files, sizes, or contents. A file rewritten with the same bytes (a new mtime), or the same bytes
+    at another path (a moved data folder, a copied run folder), is unchanged."""
+    if [(f["type"], f["size"]) for f in now] != [(f["type"], f["size"]) for f in then]:
         return True
     return any(
-        a["mtime_ns"] != b["mtime_ns"] and file_digest(Path(a["path"])) != b.get("sha256")
+        (a["path"], a["mtime_ns"]) != (b["path"], b["mtime_ns"])
+        and file_digest(Path(a["path"])) != b.get("sha256")
         for a, b in zip(now, then, strict=True)
     )
+
+
+def _record_new_places(folder: Path, index: dict[str, Any], now: dict[str, Any]) -> None:
+    """The index of a set whose unchanged source files moved: record where they are now, so that the next
+    check does not hash them again (a read-only shared folder keeps the old record)."""
+    files = [
+        {**a, "sha256": b["sha256"]} for a, b in zip(now["files"], index["recipe"]["files"], strict=True)
+    ]
+    updated = {**index, "recipe": {**now, "files": files}}
+    with contextlib.suppress(OSError):
+        _write_atomically(folder / INDEX_FILE, json.dumps(updated, indent=1))
 
 
 # --------------------------------------------------------------------------- tokenizing (in worker processes)
@@ -206,6 +230,7 @@ class ShardWriter:
         self.pending = 0
         self.shards: list[dict[str, Any]] = []
         self.target_tokens = 0
+        self.targetless_samples = 0  # samples without a single target token (prompt only)
         self.writing = REJECTS_FILE  # what is being written, for the message when the disk fills up
 
     def add(self, document: Document) -> None:
@@ -250,6 +275,7 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
             raise
         self.target_tokens += int(mask[:, 1:].sum())
+        self.targetless_samples += int((mask[:, 1:].sum(axis=1) == 0).sum())
         self.shards.append(
             {"file": name, "samples": int(tokens.shape[0]), "bytes": tokens.nbytes + mask.nbytes,
              "sha256": digest.hexdigest()}
@@ -264,6 +290,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
+def shorten_prompt(document: Document, seq_len: int, bos_id: int | None) -> Document | None:
+    """A record whose prompt (the tokens before its first target) fills ``seq_len`` or more, with the prompt cut
+    from the left (BOS kept) to leave the answer room: ``seq_len - min(answer, seq_len // 2)`` prompt tokens, so
+    a short answer fits in one sample with its nearest context. None when the prompt is shorter (unchanged) or
+    when the record has no target at all."""
+    mask = np.asarray(document.loss_mask)
+    if not mask.any():
+        return None
+    first = int(np.argmax(mask))
+    if first < seq_len:
+        return None
+    keep = seq_len - min(len(mask) - first, seq_len // 2)
+    ids = np.asarray(document.ids)
+    head = 1 if bos_id is not None and int(ids[0]) == bos_id else 0
+    start = first - (keep - head)
+    return Document(np.concatenate([ids[:head], ids[start:]]), np.concatenate([mask[:head], mask[start:]]))
+
+
 def _pack_records(
     files: list[tuple[Path, str]],
     source: SourceConfig,
@@ -272,11 +316,16 @@ def _pack_records(
     *,
     tokenizer: Any,
     long_documents: str,
+    long_prompts: str,
     workers: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> dict[str, int]:
-    """Tokenize every record into ``writer``; bad ones fail or go to ``rejects``. Returns the counts."""
-    counts = {"records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0}
+    """Tokenize every record into ``writer``; bad ones fail or go to ``rejects``; records whose prompt fills the
+    sequence are cut or dropped (``long_prompts``). Returns the counts."""
+    counts = {
+        "records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0, "long_prompts_cut": 0,
+        "long_prompts_dropped": 0,
+    }  # fmt: skip
     width = writer.seq_len + 1
     for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
         for (location, payload), (document, error) in zip(chunk, results, strict=True):
@@ -287,6 +336,13 @@ def _pack_records(
                 counts["rejected"] += 1
                 rejects.write(json.dumps({"where": location, "error": error, "raw": _raw(payload)}) + "\n")
                 continue
+            shortened = shorten_prompt(document, writer.seq_len, tokenizer.bos_token_id)
+            if shortened is not None:
+                if long_prompts == "drop":
+                    counts["long_prompts_dropped"] += 1
+                    continue
+                counts["long_prompts_cut"] += 1
+                document = shortened
             if long_documents == "truncate" and len(document.ids) > width:
                 counts["truncated"] += 1
                 document = Document(document.ids[:width], document.loss_mask[:width])
@@ -306,6 +362,7 @@ def prepare_source(
     tokenizer: Any,
     seq_len: int,
     long_documents: str = "split",
+    long_prompts: str = "truncate",
     shard_samples: int = 8192,
     workers: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
@@ -313,22 +370,35 @@ def prepare_source(
     """Tokenize and pack ``source`` into shards in ``out_dir`` (replaced atomically); return the index.
 
     ``on_progress(records, tokens)`` is called as chunks complete. Bad records fail with file:line, or with
-    ``on_error: skip`` are counted and written to ``rejects.jsonl`` in the folder.
+    ``on_error: skip`` are counted and written to ``rejects.jsonl`` in the folder (next to it, as
+    ``<folder>.rejects.jsonl``, when no record was usable).
     """
     started = time.perf_counter()
-    source_recipe = recipe(source, seq_len, long_documents, digests=True)
+    source_recipe = recipe(source, seq_len, long_documents, long_prompts, digests=True)
     files = [(Path(f["path"]), f["type"]) for f in source_recipe["files"]]
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a shared prepared_dir must stay readable
     writer = ShardWriter(tmp, seq_len=seq_len, shard_samples=shard_samples, dtype=dtype, pad_id=pad_id)
     try:
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as rejects:
             counts = _pack_records(
                 files, source, writer, rejects, tokenizer=tokenizer, long_documents=long_documents,
-                workers=workers or os.cpu_count() or 1, on_progress=on_progress,
+                long_prompts=long_prompts, workers=workers or os.cpu_count() or 1, on_progress=on_progress,
             )  # fmt: skip
+        if writer.target_tokens == 0:
+            kept = ""
+            if counts["rejected"]:  # the rejects matter most now: keep them next to the folder
+                rejects_path = out_dir.with_name(f"{out_dir.name}.{REJECTS_FILE}")
+                os.replace(tmp / REJECTS_FILE, rejects_path)
+                kept = f"; the rejected records and why are listed in {rejects_path}"
+            raise DataError(
+                f"data source {source.name!r} ({source.path}): no usable samples ({counts['records']} records, "
+                f"{counts['rejected']} rejected, {counts['long_prompts_dropped']} dropped for a prompt longer "
+                f"than data.seq_len, no unmasked tokens){kept}; fix the data before training"
+            )
         if counts["rejected"]:
             log.warning(
                 "%s: skipped %d bad record(s) of %d; they are listed in %s",
@@ -336,11 +406,7 @@ def prepare_source(
             )  # fmt: skip
         else:
             (tmp / REJECTS_FILE).unlink()
-        if writer.target_tokens == 0:
-            raise DataError(
-                f"data source {source.name!r} ({source.path}): no usable samples ({counts['records']} records, "
-                f"{counts['rejected']} rejected, no unmasked tokens); fix the data before training"
-            )
+        _warn_long_prompts(source, counts, seq_len, long_prompts)
         index = {
             "format_version": FORMAT_VERSION,
             "name": source.name,
@@ -352,9 +418,11 @@ def prepare_source(
             **{f"num_{key}": value for key, value in counts.items()},
             "num_samples": sum(s["samples"] for s in writer.shards),
             "num_target_tokens": writer.target_tokens,
+            "num_targetless_samples": writer.targetless_samples,
             "shards": writer.shards,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        _warn_targetless(source, index)
         writer.writing = INDEX_FILE
         _write_atomically(tmp / INDEX_FILE, json.dumps(index, indent=1))
         _fsync_dir(tmp)
@@ -372,6 +440,33 @@ def prepare_source(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _warn_long_prompts(source: SourceConfig, counts: dict[str, int], seq_len: int, policy: str) -> None:
+    done = counts["long_prompts_cut"] or counts["long_prompts_dropped"]
+    if done:
+        log.warning(
+            "%s: %d record(s) of %d have a prompt of %d tokens or more (data.seq_len): %s (data.long_prompts: %s)",
+            source.name, done, counts["records"], seq_len,
+            "prompt cut from the left, answer kept" if policy == "truncate" else "left out", policy,
+        )  # fmt: skip
+
+
+def _warn_targetless(source: SourceConfig, index: dict[str, Any]) -> None:
+    """Samples without a target token cost a forward pass and teach nothing; many of them starve the batches."""
+    share = index["num_targetless_samples"] / max(index["num_samples"], 1)
+    if share > TARGETLESS_WARNING:
+        log.warning(
+            "%s: %d of %d samples (%.0f%%) have no target token (prompt only, masked out of the loss): long "
+            "unanswered turns or prompts; a training step whose whole batch is such samples is refused",
+            source.name, index["num_targetless_samples"], index["num_samples"], 100 * share,
+        )  # fmt: skip
 
 
 def _raw(payload: Any) -> str:
@@ -418,7 +513,7 @@ def check_index(folder: Path, index: dict[str, Any], fingerprint: str | None) ->
 
 
 def staleness(
-    folder: Path, source: SourceConfig, tokenizer: Any, seq_len: int, long_documents: str
+    folder: Path, source: SourceConfig, tokenizer: Any, seq_len: int, long_documents: str, long_prompts: str
 ) -> str | None:
     """What differs between the prepared ``folder`` and the source now (None: current, "not prepared" when
     there is no index); another tokenizer or format version raises DataError."""
@@ -426,11 +521,16 @@ def staleness(
     if index is None:
         return "not prepared"
     check_index(folder, index, tokenizer_fingerprint(tokenizer))
-    now, then = recipe(source, seq_len, long_documents), index["recipe"]
-    changed = [k for k in sorted(set(now) | set(then)) if k != "files" and now.get(k) != then.get(k)]
-    if _files_changed(now["files"], then["files"]):
-        changed.append("the source files")
-    return f"changed since it was prepared: {', '.join(changed)}" if changed else None
+    now, then = recipe(source, seq_len, long_documents, long_prompts), index["recipe"]
+    settings = [
+        k for k in sorted(set(now) | set(then)) if k not in ("files", "path") and now.get(k) != then.get(k)
+    ]
+    changed = settings + (["the source files"] if _files_changed(now["files"], then["files"]) else [])
+    if changed:
+        return f"changed since it was prepared: {', '.join(changed)}"
+    if [f["path"] for f in now["files"]] != [f["path"] for f in then["files"]]:
+        _record_new_places(folder, index, now)
+    return None
 
 
 def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataConfig, progress: Any) -> dict:
@@ -446,6 +546,7 @@ def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataC
         tokenizer=tokenizer,
         seq_len=data.seq_len,
         long_documents=data.long_documents,
+        long_prompts=data.long_prompts,
         shard_samples=data.shard_samples,
         workers=data.prepare_workers,
         on_progress=show,
@@ -487,7 +588,9 @@ def prepare_sets(
             if index is not None and index.get("tokenizer_fingerprint") != fingerprint:
                 folder = folder.with_name(f"{folder.name}-tokenizer-{fingerprint[:12]}")
         try:
-            problem = staleness(folder, source, tokenizer, data.seq_len, data.long_documents)
+            problem = staleness(
+                folder, source, tokenizer, data.seq_len, data.long_documents, data.long_prompts
+            )
         except DataError as err:  # another tokenizer or format version: only an explicit prepare replaces it
             if not refresh:
                 raise

@@ -314,9 +314,3 @@ class TrainStream:
                     "data or start a new run"
                 )
         self.consumed_samples = int(state["consumed_samples"])
-
-
-def eval_shard(dataset: PackedDataset, rank: int, world_size: int, max_samples: int | None) -> np.ndarray:
-    """The sample ids this rank evaluates (strided, so every sample is counted once over all ranks)."""
-    total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    return np.arange(rank, total, world_size, dtype=np.int64)

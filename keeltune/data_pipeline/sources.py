@@ -128,8 +128,8 @@ def decode_payload(location: str, payload: Any, text_field: str) -> dict[str, An
     if payload == EMPTY_FILE:
         raise DataError(f"{location}: empty file (no records); remove it from the source")
     if isinstance(payload, bytes):
-        try:
-            record = json.loads(payload.decode("utf-8"))
+        try:  # utf-8-sig: a byte-order mark (editors on other systems write one) is not part of the record
+            record = json.loads(payload.decode("utf-8-sig"))
         except UnicodeDecodeError as err:
             raise DataError(f"{location}: not UTF-8 ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
@@ -139,7 +139,7 @@ def decode_payload(location: str, payload: Any, text_field: str) -> dict[str, An
         return record
     if "\0text" in payload:
         try:
-            return {text_field: payload["\0text"].decode("utf-8")}
+            return {text_field: payload["\0text"].decode("utf-8-sig")}
         except UnicodeDecodeError as err:
             raise DataError(f"{location}: not UTF-8 ({err.reason} at byte {err.start})") from None
     return payload

@@ -1,4 +1,5 @@
-"""Exact held-out loss and perplexity, split over ranks: summed NLL and token counts are all-reduced."""
+"""Exact held-out loss and perplexity, split over ranks in whole micro-batches: the same numbers on any number of
+ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keeltune.data_pipeline.reader import PackedDataset, eval_shard
+from keeltune.data_pipeline.reader import PackedDataset
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,31 @@ def evaluate(
     device: torch.device,
     max_samples: int | None = None,
 ) -> EvalResult:
-    """Evaluate this rank's part of ``dataset``; every rank returns the same global result.
+    """Evaluate this rank's part of ``dataset``; every rank returns the same global result, and the same
+    whatever the number of ranks: the set is cut into micro-batches in sample order and the batches are dealt
+    to the ranks whole (batch ``b`` to rank ``b mod world``), each batch's sum lands in its own slot of a
+    vector that is all-reduced (every slot has one contributor, so exactly), and the slots are added up in
+    batch order.
 
-    Every rank runs the same number of forward passes (a rank with fewer samples repeats a batch and ignores
-    it): sharded backends gather parameters inside forward, so ranks must stay in step."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    sample_ids = eval_shard(dataset, rank, world_size, max_samples)
-    most_samples = len(eval_shard(dataset, 0, world_size, max_samples))  # rank 0 gets the most (strided)
-    for start in range(0, most_samples, micro_batch_size):
-        batch = sample_ids[start : start + micro_batch_size]
-        counted = len(batch) > 0
-        ids, mask = dataset.get(batch if counted else np.zeros(1, dtype=np.int64))
+    Every rank runs the same number of forward passes (a rank with fewer batches repeats one and ignores it):
+    sharded backends gather parameters inside forward, so ranks must stay in step."""
+    total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    batches = -(-total // micro_batch_size)
+    sums = torch.zeros(2, max(batches, 1), dtype=torch.float64, device=device)  # NLL, target tokens
+    for index in range(rank, rank + world_size * -(-batches // world_size), world_size):
+        counted = index < batches
+        first = index * micro_batch_size if counted else 0
+        batch = np.arange(first, min(first + micro_batch_size, total) if counted else 1, dtype=np.int64)
+        ids, mask = dataset.get(batch)
         ids_t = torch.from_numpy(ids).to(device)
         mask_t = torch.from_numpy(mask[:, 1:].astype(np.float32)).to(device)
         logits = logits_fn(ids_t[:, :-1])
         if counted:
-            totals[0] += token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
-            totals[1] += mask_t.sum().double()
-    all_reduce_sum(totals)
-    tokens = int(totals[1].item())
-    return EvalResult(loss=float(totals[0].item()) / max(tokens, 1), tokens=tokens)
+            sums[0, index] = token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
+            sums[1, index] = mask_t.sum().double()
+    all_reduce_sum(sums)
+    nll, tokens = (float(value) for value in sums.sum(dim=1).tolist())
+    return EvalResult(loss=nll / max(tokens, 1.0), tokens=int(tokens))
 
 
 def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import yaml
 
 from keeltune.config import RESUME_MUTABLE, Config, ConfigError, resume_differences
-from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, latest_checkpoint
+from keeltune.training.manifest import damaged_checkpoints, newest_intact, no_intact_checkpoint
+from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, METRICS_FILE
 
 
 def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
-    """Write the resolved config into ``runs/<name>/``; return the folder and the checkpoint to resume from."""
+    """Write the resolved config into ``runs/<name>/``; return the folder and the checkpoint to resume from.
+
+    The checkpoint is the newest whose files have their manifest's sizes (the job checks checksums too, and
+    moves damaged ones aside); a run whose checkpoints are all damaged is refused rather than started over."""
     config.run.root = str(Path(config.run.root).resolve())
     run_dir = config.run_dir
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint, failed = newest_intact(run_dir, checksums=False)
+    for folder, problems in failed:
+        logging.getLogger("keeltune").warning(
+            "%s looks damaged (%s): the run will move it aside and resume from an earlier checkpoint",
+            folder, "; ".join(problems),
+        )  # fmt: skip
+    if checkpoint is None and (failed or damaged_checkpoints(run_dir)):
+        moved = [note["checkpoint"] for note in damaged_checkpoints(run_dir)]
+        raise no_intact_checkpoint(run_dir, [folder.name for folder, _ in failed] + moved)
     saved = run_dir / CONFIG_FILE
     if checkpoint is not None and saved.is_file():
         differences = resume_differences(yaml.safe_load(saved.read_text()), config.to_dict())

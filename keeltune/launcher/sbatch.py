@@ -5,7 +5,8 @@ launch path; the entry reads its rank, local rank and world size from Slurm's va
 ``SLURM_LOCALID``, ``SLURM_NTASKS``), so no torch launcher sits between Slurm and the ranks. That is the
 reason for this choice: Slurm's warning before the time limit (``--signal=USR2@...``) reaches every rank
 directly, all ranks checkpoint at the same step, and rank 0 requeues the job (``--requeue``), which resumes
-from that checkpoint. The master address is the first node, the port is derived from the job id. Every
+from that checkpoint. The ranks meet at the first node (its address from Slurm when its name does not
+resolve), on a port derived from the job id: the same code as ``keeltune launch``'s jobs. Every
 value taken from the config is shell-quoted, both on shell lines and on ``#SBATCH`` lines (sbatch unquotes
 those the way a shell does).
 """
@@ -31,8 +32,8 @@ def render_sbatch(config: Config, run_dir: Path, *, python: str = sys.executable
         "# Rendered by `keeltune sbatch`; submit with: sbatch THIS_FILE",
         _directive("--job-name", slurm.job_name or config.run.name),
         _directive("--nodes", slurm.nodes),
-        _directive("--ntasks-per-node", slurm.gpus_per_node),
-        _directive("--gpus-per-node", slurm.gpus_per_node),
+        _directive("--ntasks-per-node", slurm.ranks_per_node),
+        *([_directive("--gpus-per-node", slurm.gpus_per_node)] if slurm.gpus_per_node else []),
         _directive("--time", slurm.time),
         _directive("--output", run_dir / "logs" / "slurm-%j.out"),
         _directive("--signal", f"USR2@{slurm.signal_delay_s}"),
@@ -57,9 +58,7 @@ def render_sbatch(config: Config, run_dir: Path, *, python: str = sys.executable
         key, _, value = pair.partition("=")
         lines.append(f"export {key}={shlex.quote(value)}")
     lines += [
-        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job, the same on every node",
-        "export MASTER_ADDR MASTER_PORT KEELTUNE_RANKS_FROM_SLURM=1",
+        "# every task is one rank; it reads its rank and the first node's address from Slurm itself",
         " \\\n  ".join(
             map(
                 shlex.quote,

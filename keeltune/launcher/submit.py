@@ -8,6 +8,7 @@ sbatch script, which has one task per node running torch's launcher); every task
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,9 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from keeltune.config import Config, ConfigError
+from keeltune.launcher.entry import STOPPED_EXIT
 from keeltune.training.run_files import JOB_FILE, WANDB_ID_FILE
 
 SUBMITIT_DIR = "submitit"
+ENDED_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+     "DEADLINE", "STOPPED"}
+)  # fmt: skip
 
 
 def timeout_minutes(limit: str) -> int:
@@ -66,7 +72,7 @@ def executor_for(config: Config, run_dir: Path, *, local: bool) -> Any:
         name=slurm.job_name or config.run.name,
         timeout_min=timeout_minutes(slurm.time),
         nodes=slurm.nodes,
-        tasks_per_node=slurm.gpus_per_node,
+        tasks_per_node=slurm.ranks_per_node,
     )
     if not local:
         setup = [*slurm.setup]
@@ -74,7 +80,7 @@ def executor_for(config: Config, run_dir: Path, *, local: bool) -> Any:
             f"export {key}={shlex.quote(value)}" for key, _, value in (p.partition("=") for p in slurm.env)
         ]
         executor.update_parameters(
-            slurm_gpus_per_node=slurm.gpus_per_node,
+            slurm_gpus_per_node=slurm.gpus_per_node or None,
             slurm_partition=slurm.partition or None,
             slurm_account=slurm.account or None,
             slurm_qos=slurm.qos or None,
@@ -103,7 +109,23 @@ class JobRecord:
     submitted: float
     nodes: int
     tasks_per_node: int
-    folder: str  # submitit's folder for this job (pickles, per-task stdout/stderr)
+    folder: (
+        str  # where the job's output lands: submitit's folder (per-task stdout/stderr), or the run's logs/
+    )
+    launcher: str = (
+        "submitit"  # submitit (keeltune launch) | sbatch (the rendered script, recorded by rank 0)
+    )
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def outputs(self) -> list[Path]:
+        """The job's stderr files, where srun reports dead tasks."""
+        folder = Path(self.folder)
+        if self.launcher == "sbatch":
+            return sorted(folder.glob(f"slurm-{self.job_id}.out"))
+        return sorted(folder.glob("*_log.err"))
 
 
 def read_records(run_dir: Path) -> list[JobRecord]:
@@ -111,6 +133,14 @@ def read_records(run_dir: Path) -> list[JobRecord]:
     if not path.is_file():
         return []
     return [JobRecord(**entry) for entry in json.loads(path.read_text())]
+
+
+def add_record(run_dir: Path, record: JobRecord) -> None:
+    """Append a job to the run folder's records (written aside, then renamed)."""
+    records = [*read_records(run_dir), record]
+    tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
+    tmp.replace(run_dir / JOB_FILE)
 
 
 def latest_record(run_dir: Path) -> JobRecord:
@@ -133,7 +163,10 @@ def submit(config: Config, run_dir: Path, *, local: bool) -> tuple[JobRecord, An
     from keeltune.launcher.job import TrainJob
 
     executor = executor_for(config, run_dir, local=local)
-    job = executor.submit(TrainJob(run_dir))
+    try:
+        job = executor.submit(TrainJob(run_dir))
+    except Exception as err:  # submitit wraps sbatch's refusal in its own error, with sbatch's stderr
+        raise submission_refused(config, str(err)) from None
     unexpanded = run_dir / SUBMITIT_DIR / "%j"  # submitit makes the folder pattern itself once; keep it tidy
     if unexpanded.is_dir() and not any(unexpanded.iterdir()):
         unexpanded.rmdir()
@@ -142,14 +175,44 @@ def submit(config: Config, run_dir: Path, *, local: bool) -> tuple[JobRecord, An
         cluster="local" if local else "slurm",
         submitted=round(time.time(), 3),
         nodes=config.slurm.nodes,
-        tasks_per_node=config.slurm.gpus_per_node,
+        tasks_per_node=config.slurm.ranks_per_node,
         folder=str(run_dir / SUBMITIT_DIR / str(job.job_id)),
     )
-    records = [*read_records(run_dir), record]
-    tmp = run_dir / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
-    tmp.replace(run_dir / JOB_FILE)
+    add_record(run_dir, record)
     return record, job
+
+
+REFUSAL_HINTS = (  # (what sbatch says, lowercase; what to change)
+    ("gres", "the partition may have no GPUs: for CPU ranks set slurm.gpus_per_node: 0 (and "
+             "slurm.ntasks_per_node), or choose a partition with GPUs (slurm.partition, --partition)"),
+    ("node configuration is not available", "no node of that partition has what the job asks for"),
+    ("partition", "check slurm.partition (sinfo lists the partitions)"),
+    ("time limit", "lower slurm.time (--time) to the partition's limit (sinfo -o '%P %l')"),
+    ("memory", "lower slurm.mem, or ask for fewer ranks per node"),
+    ("node count", "lower slurm.nodes (--nodes), or choose a larger partition"),
+    ("account", "check slurm.account (--account): sacctmgr show assoc user=$USER"),
+    ("qos", "check slurm.qos (--qos)"),
+)  # fmt: skip
+
+
+def submission_refused(config: Config, error: str) -> ConfigError:
+    """sbatch's refusal (``sbatch: error: ...``) as a config error saying which setting to change."""
+    said = list(dict.fromkeys(line.strip() for line in error.splitlines() if "error:" in line))
+    said = said or [error.strip()[-500:]]
+    text = " ".join(said).lower()
+    hints = [hint for pattern, hint in REFUSAL_HINTS if pattern in text]
+    slurm = config.slurm
+    if slurm.gpus_per_node and ("gres" in text or "node configuration is not available" in text):
+        hints.insert(0, REFUSAL_HINTS[0][1])  # asking for GPUs where there are none is the usual cause
+    asked = (
+        f"{slurm.nodes} node(s) x {slurm.ranks_per_node} task(s)"
+        + (f", {slurm.gpus_per_node} GPU(s) per node" if slurm.gpus_per_node else ", no GPUs")
+        + f", partition {slurm.partition or '(default)'}, time {slurm.time}"
+    )
+    return ConfigError(
+        f"slurm: sbatch refused the job ({asked}): {' '.join(said)}"
+        + (f"; {'; '.join(dict.fromkeys(hints))}" if hints else "")
+    )
 
 
 # --------------------------------------------------------------------------- status, logs, cancel
@@ -231,7 +294,6 @@ def cancel(record: JobRecord) -> None:
     if record.cluster == "slurm":
         subprocess.run(["scancel", record.job_id], check=True, timeout=30)
         return
-    import os
     import signal
 
     if _local_alive(record):
@@ -250,11 +312,13 @@ def task_output(record: JobRecord, rank: int) -> list[Path]:
 
 
 def dead_ranks(record: JobRecord) -> list[str]:
-    """Ranks that died, as srun reported them (``srun: error: n2: task 1: Killed``), and ranks that logged a
-    collective failure; one line each."""
+    """Ranks that died, as srun reported them (``srun: error: n2: task 1: Killed``); one line each."""
     found = []
-    for path in sorted(Path(record.folder).glob("*_log.err")):
+    for path in record.outputs():
         text = path.read_text(errors="replace")
         for node, task, what in re.findall(r"srun: error: (\S+): tasks? ([\d,-]+): (.+)", text):
-            found.append(f"rank {task} on {node}: {what.strip()}")
+            what = what.strip()
+            if what == f"Exited with exit code {STOPPED_EXIT}":
+                what += " (stopped cleanly after checkpointing)"
+            found.append(f"rank {task} on {node}: {what}")
     return sorted(set(found))

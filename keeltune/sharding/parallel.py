@@ -147,6 +147,71 @@ def run_local_ranks(nproc: int, module: str, *args: str) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
+def master_port(job_id: str) -> int:
+    """A port per job, the same on every node."""
+    digits = "".join(ch for ch in job_id.split("_")[0] if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def master_address(node: str) -> str:
+    """Where the ranks meet: the first node's name when it resolves here, else its address as Slurm knows it
+    (``NodeAddr``: clusters whose node names are not in DNS); an error naming the node when neither exists."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    address = _slurm_node_address(node)
+    if address:
+        return address
+    raise RuntimeError(
+        f"cannot find an address for the first node {node!r} of this job: its name does not resolve (DNS or "
+        "/etc/hosts) and Slurm knows no NodeAddr for it (scontrol show node). Ask your cluster's admins, or "
+        "give the address in slurm.env: [KEELTUNE_MASTER_ADDR=<address of the first node>]"
+    )
+
+
+def _slurm_node_address(node: str) -> str:
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "node", node, "--oneliner"], capture_output=True, text=True, timeout=30,
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"\bNodeAddr=(\S+)", shown.stdout)
+    return found.group(1) if found and shown.returncode == 0 else ""
+
+
+def rendezvous_environment(
+    *, rank: int, local_rank: int, world_size: int, local_world_size: int, first_node: str, job_id: str
+) -> dict[str, str]:
+    """torch's env:// variables for a rank of a job; ``KEELTUNE_MASTER_ADDR``, when set, names the address."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "MASTER_ADDR": os.environ.get("KEELTUNE_MASTER_ADDR") or master_address(first_node),
+        "MASTER_PORT": str(master_port(job_id)),
+    }
+
+
+def slurm_task_environment() -> dict[str, str]:
+    """The rendezvous variables of a task started by ``srun`` (one task per rank), from Slurm's variables."""
+    nodes = _expand_nodelist(os.environ["SLURM_JOB_NODELIST"])
+    world_size = int(os.environ.get("SLURM_NTASKS", "1"))
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    return rendezvous_environment(
+        rank=int(os.environ["SLURM_PROCID"]),
+        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
+        world_size=world_size,
+        local_world_size=int(per_node) if per_node else max(1, world_size // len(nodes)),
+        first_node=nodes[0],
+        job_id=os.environ.get("SLURM_JOB_ID", "0"),
+    )
+
+
 def _expand_nodelist(nodelist: str) -> list[str]:
     """``n[1-3,5],gpu7`` -> ``[n1, n2, n3, n5, gpu7]`` (Slurm's compact host list)."""
     names = []

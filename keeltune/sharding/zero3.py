@@ -13,10 +13,12 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +40,7 @@ from keeltune.sharding.penalties import add_neftune
 from keeltune.sharding.plan import deepspeed_config, model_hidden_size
 from keeltune.sharding.tensor_files import TensorFile, model_tensor_files, write_tensor_file
 
+log = logging.getLogger("keeltune")
 DEEPSPEED_TAG = "zero"
 LAYOUT_FILE = "zero_layout.json"
 BUFFERS_FILE = "zero_buffers.safetensors"
@@ -79,23 +82,40 @@ def ops_folder() -> Path:
     return folder
 
 
-def build_ops(names: list[str]) -> None:
+def build_ops(names: list[str], *, at_setup: bool = False) -> None:
     """Build (or just load) DeepSpeed ops once, under an exclusive lock on the build folder.
 
     Ranks on one node (or on nodes sharing the folder) never compile into it at the same time; the lock is
-    the kernel's, so a rank that dies while building does not leave the others waiting forever."""
+    the kernel's, so a rank that dies while building does not leave the others waiting forever. The build uses
+    this environment's own ninja whatever PATH says (set-up and ranks ran different ninjas, whose logs differ,
+    and every first run compiled again); a build outside set-up is reported, with how long it took."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     folder = ops_folder()
     folder.mkdir(parents=True, exist_ok=True)
+    own_bin = str(Path(sys.executable).parent)
+    if (Path(own_bin) / "ninja").is_file() and not os.environ.get("PATH", "").startswith(
+        own_bin + os.pathsep
+    ):
+        os.environ["PATH"] = own_bin + os.pathsep + os.environ.get("PATH", "")
     with open(folder / "keeltune-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name in names:
             builder = get_accelerator().create_op_builder(name)
             if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
                 continue
+            ninja_log = folder / builder.NAME / ".ninja_log"
+            before = ninja_log.read_bytes() if ninja_log.is_file() else b""
+            started = time.perf_counter()
             builder.load(verbose=False)
+            if not at_setup and ninja_log.is_file() and ninja_log.read_bytes() != before:
+                log.warning(
+                    "DeepSpeed op %s was compiled now, in %.0f s (%s): it was not built for this environment "
+                    "or its build flags changed; run `python -m keeltune.sharding.zero3` once after changing "
+                    "the environment so jobs do not compile", builder.NAME, time.perf_counter() - started,
+                    folder / builder.NAME,
+                )  # fmt: skip
 
 
 def needed_ops(config: Config, device: torch.device) -> list[str]:
@@ -481,7 +501,7 @@ def export_zero3_checkpoint(config: Config, checkpoint: Path, out: Path) -> list
 def main() -> int:
     """``python -m keeltune.sharding.zero3``: build the ops a CPU run needs (run once at set-up)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    build_ops(["ShareMemCommBuilder"] if not torch.cuda.is_available() else [])
+    build_ops(["ShareMemCommBuilder"] if not torch.cuda.is_available() else [], at_setup=True)
     print(f"DeepSpeed ops ready in {ops_folder()}")
     return 0
 

@@ -19,6 +19,7 @@ from keeltune.training.run_files import METRICS_FILE, WANDB_ID_FILE
 log = logging.getLogger("keeltune")
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+STEP_METRIC = "trainer/step"  # the x-axis of every W&B chart
 
 
 def _wandb_host() -> tuple[str, int]:
@@ -45,11 +46,17 @@ def wandb_host_answers(timeout_s: float = 2.0) -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """``auto`` becomes online with a key and a reachable host, offline otherwise."""
+def resolve_wandb_mode(mode: str) -> tuple[str, str]:
+    """``auto`` becomes online with a key and a reachable host, offline otherwise; returns the mode and, for a
+    fallback to offline, why."""
     if mode != "auto":
-        return mode
-    return "online" if wandb_key_available() and wandb_host_answers() else "offline"
+        return mode, ""
+    host, port = _wandb_host()
+    if not wandb_key_available():
+        return "offline", f"no W&B key found (WANDB_API_KEY, or a ~/.netrc entry for {host})"
+    if not wandb_host_answers():
+        return "offline", f"the W&B host {host}:{port} did not answer within 2 s (no internet on this node?)"
+    return "online", ""
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
@@ -66,7 +73,12 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 
 
 class MetricsLogger:
-    """Writes metrics on rank 0 (other ranks hold a logger that does nothing)."""
+    """Writes metrics on rank 0 (other ranks hold a logger that does nothing).
+
+    W&B is a guest: a failure of W&B (its service killed by a signal, a lost connection) is logged once and W&B
+    is left aside for the rest of the run, while ``metrics.jsonl`` goes on; training never stops for it. W&B
+    charts use this run's own step (``trainer/step``) as their x-axis, so a resume from an earlier checkpoint
+    continues the curves instead of being dropped as steps W&B has already seen."""
 
     def __init__(
         self, run_dir: Path, wandb_config: WandbConfig, *, enabled: bool, run_config: dict[str, Any]
@@ -79,25 +91,33 @@ class MetricsLogger:
             self._start_wandb(wandb_config, run_config)
 
     def _start_wandb(self, wandb_config: WandbConfig, run_config: dict[str, Any]) -> None:
-        mode = resolve_wandb_mode(wandb_config.mode)
+        mode, why = resolve_wandb_mode(wandb_config.mode)
         if mode == "disabled":
             return
+        if why:
+            log.info("W&B mode auto: offline, because %s", why)
         import wandb
 
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self.wandb_run = wandb.init(
-            project=wandb_config.project,
-            entity=wandb_config.entity or None,
-            name=run_config["run"]["name"],
-            id=run_id,
-            resume="allow",
-            mode=mode,
-            dir=str(self.run_dir),
-            config=run_config,
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
-        )
+        try:
+            self.wandb_run = wandb.init(
+                project=wandb_config.project,
+                entity=wandb_config.entity or None,
+                name=run_config["run"]["name"],
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(self.run_dir),
+                config=run_config,
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
+            )
+            self.wandb_run.define_metric(STEP_METRIC, hidden=True)
+            self.wandb_run.define_metric("*", step_metric=STEP_METRIC)
+        except Exception as err:  # W&B must never stop training
+            self._wandb_failed("could not start", err)
+            return
         if mode == "offline":
             log.info(
                 "W&B offline run in %s; upload it later with: wandb sync %s",
@@ -107,12 +127,22 @@ class MetricsLogger:
         else:
             log.info("W&B run: %s", self.wandb_run.url)
 
+    def _wandb_failed(self, what: str, err: BaseException) -> None:
+        log.warning(
+            "W&B %s (%s: %s); going on without it, metrics.jsonl has every record",
+            what, type(err).__name__, err,
+        )  # fmt: skip
+        self.wandb_run = None
+
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
+            try:
+                self.wandb_run.log({STEP_METRIC: step, **values})
+            except Exception as err:
+                self._wandb_failed("stopped working", err)
 
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (e-mail/Slack per the user's W&B settings) when W&B is on; a failure is only logged."""
@@ -132,9 +162,14 @@ class MetricsLogger:
         return self.wandb_run.url
 
     def close(self) -> None:
+        """Close metrics.jsonl, then W&B; a W&B failure is logged, never raised."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        run, self.wandb_run = self.wandb_run, None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as err:
+                log.warning("W&B did not close cleanly (%s: %s); metrics.jsonl has every record",
+                            type(err).__name__, err)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
 from keeltune.sharding.parallel import ParallelEnv, exit_rank, run_local_ranks
-from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, complete_checkpoints
+from keeltune.training.manifest import checkpoint_to_read
+from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE
+
+log = logging.getLogger("keeltune")
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,12 @@ def resolve_target(path: Path, *, step: int | None = None, config_file: Path | N
                 f"--config: {path} is a run folder, evaluated on the sets of its own {CONFIG_FILE}"
             )
         config = load_config(path / CONFIG_FILE)
-        found = {int(p.name.removeprefix("step_")): p for p in complete_checkpoints(path)}
-        if not found:
-            raise ConfigError(f"{path}: no complete checkpoint to evaluate")
-        step = max(found) if step is None else step
-        if step not in found:
-            raise ConfigError(f"--checkpoint {step}: not in {path}; complete checkpoints: {sorted(found)}")
-        return EvalTarget(config, path, found[step], None, _baseline(path))
+        checkpoint, notes = checkpoint_to_read(
+            path, step, checksums=config.training.checkpoint.verify == "checksum"
+        )
+        for note in notes:
+            log.warning("%s", note)
+        return EvalTarget(config, path, checkpoint, None, _baseline(path))
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"{path}: neither a run folder ({CONFIG_FILE}) nor a Hugging Face model (config.json)"

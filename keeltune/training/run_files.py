@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"  # in a checkpoint: each file's size and sha256, written last
 BASELINE_FILE = "baseline.json"
 BEST_FILE = "best.json"  # the step with the best val/loss seen by early stopping
 FINAL_MODEL_DIR = "final"
@@ -23,14 +25,15 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a folder counts once its trainer state is in it)."""
+    """Checkpoint folders, oldest first: ``step_NNNNNNN`` holding its trainer state or its manifest (a folder
+    appears under that name only once complete; whether it is still intact, ``training.manifest`` checks)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = _STEP_DIR.fullmatch(entry.name)
-        if match and (entry / STATE_FILE).is_file():
+        if match and ((entry / STATE_FILE).is_file() or (entry / MANIFEST_FILE).is_file()):
             found.append((int(match.group(1)), entry))
     return [path for _, path in sorted(found)]
 
@@ -38,3 +41,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def follow_umask(folder: Path) -> None:
+    """Give the files and folders under ``folder`` the permissions the umask asks for: safetensors writes its
+    files private (0600), and colleagues on a cluster could not read a model or checkpoint in a shared place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -18,6 +18,7 @@ import torch
 from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
+from keeltune.data_pipeline.sources import DataError
 from keeltune.eval.evaluate import EvalResult, evaluate, forgetting, token_nll
 from keeltune.eval.stopping import BestModel, EarlyStopping, forgetting_breaches
 from keeltune.sharding.backends import build_backend
@@ -25,7 +26,7 @@ from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
 from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.base_samples import draw_base_samples
-from keeltune.training.checkpoint import load_checkpoint, save_checkpoint
+from keeltune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
@@ -36,7 +37,7 @@ from keeltune.training.run_files import (
     BEST_MODEL_DIR,
     BEST_MODEL_FILE,
     FINAL_MODEL_DIR,
-    latest_checkpoint,
+    follow_umask,
 )
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
@@ -129,7 +130,8 @@ class Trainer:
         self._tokens_done, self._train_seconds = 0, 0.0
 
     def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir)
+        checksums = self.config.training.checkpoint.verify == "checksum"
+        checkpoint = resume_checkpoint(self.run_dir, self.parallel, checksums=checksums)
         if checkpoint is None:
             return
         state = load_checkpoint(checkpoint, self.backend, self.parallel)
@@ -261,6 +263,13 @@ class Trainer:
         mask_t = mask[:, 1:].float().to(self.parallel.device)
         counts = torch.tensor([float(mask_t.sum())], dtype=torch.float64, device=self.parallel.device)
         global_targets = float(self.parallel.all_reduce_sum(counts).item())
+        if global_targets == 0:  # every rank sees the same sum, so every rank stops here
+            raise DataError(
+                f"training step {self.step + 1}: no sample of the global batch has a target token (each is prompt "
+                "only, masked out of the loss), so the step would learn nothing; the train sources "
+                f"{[s.name for s in self.config.data.train]} are mostly prompt without answer (keeltune prepare "
+                "warns which): shorten the prompts, set data.long_prompts, or fix the records"
+            )
         # DDP averages gradients over ranks, so each rank scales by world/targets: the result is the mean
         # over every target token of the global batch, whatever the number of ranks or micro-batches.
         scale = self.parallel.world_size / max(global_targets, 1.0)
@@ -312,6 +321,7 @@ class Trainer:
             self._trainer_state(),
             self.parallel,
             self.config.training.checkpoint.keep_last,
+            checksums=self.config.training.checkpoint.verify == "checksum",
         )
         log.info("checkpoint written: %s", path)
 
@@ -410,6 +420,7 @@ class Trainer:
         self.backend.export(folder)
         if self.parallel.is_main:
             self.tokenizer.save_pretrained(folder)
+            follow_umask(folder)
         self.parallel.barrier()
         return folder
 

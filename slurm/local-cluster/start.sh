@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Start the local test cluster: munge, MariaDB (private port and socket), slurmdbd, slurmctld and four
-# slurmd "nodes" n1..n4 on this host, each with two stand-in GPUs (GRES). Idempotent: a running daemon is
-# left alone, a dead one is started again; a changed config restarts the Slurm daemons. Waits until
-# sinfo shows four idle nodes and sacct answers. Needs root and the packages of install.sh.
+# Start the local test cluster: munge, MariaDB (private port and socket), slurmdbd, slurmctld and six
+# slurmd "nodes" on this host: n1..n4 (partition debug) each with two stand-in GPUs (GRES), and nodns1, nodns2
+# (partition cpu) without GPUs and with names that do not resolve (not in /etc/hosts, like clusters whose
+# node names are not in DNS: only their NodeAddr is reachable). Idempotent: a running daemon is left alone,
+# a dead one is started again; a changed config restarts the Slurm daemons. Waits until sinfo shows every
+# node idle and sacct answers. Needs root and the packages of install.sh.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 T0=$(date +%s%N)
@@ -69,9 +71,13 @@ lock_state
 mkdir -p "$ETC_DIR" "$RUN_DIR" "$LOG_DIR" "$SPOOL_DIR/ctld"
 for node in "${NODES[@]}"; do mkdir -p "$SPOOL_DIR/$node"; done
 
-# submitit and torch rendezvous use node names as host names.
+# The debug partition's node names resolve (submitit and torch rendezvous use them as host names); the
+# cpu partition's must not, so that the tests see a cluster where only NodeAddr works.
 if ! grep -qE '^127\.0\.0\.1[[:space:]]+n1 n2 n3 n4([[:space:]]|$)' /etc/hosts; then
   echo "127.0.0.1 n1 n2 n3 n4" >>/etc/hosts
+fi
+if grep -qE '^[^#]*[[:space:]]nodns[12]([[:space:]]|$)' /etc/hosts; then
+  fail "/etc/hosts names nodns1 or nodns2: the cpu partition's node names must not resolve; remove them from it"
 fi
 
 # ---- configuration: written only when it changed; a change restarts the Slurm daemons
@@ -130,7 +136,9 @@ JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 GresTypes=gpu
 NodeName=n[1-4] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17004] CPUs=2 RealMemory=4000 Gres=gpu:2 State=UNKNOWN
+NodeName=nodns[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17005-17006] CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-4] Default=YES MaxTime=02:00:00 State=UP
+PartitionName=cpu Nodes=nodns[1-2] MaxTime=02:00:00 State=UP
 CONF
 
 # Two stand-in GPUs per node. Slurm 22.05 drops a GPU GRES that has no File= ("Ignoring file-less GPU"; the
@@ -234,7 +242,7 @@ for node in "${NODES[@]}"; do
 done
 
 # ---- ready when every node is idle (or running jobs: start.sh may run while a test's job does) and sacct answers
-node_states() { sinfo --noheader --Node --partition=debug --format='%N %t' | sort -u; }
+node_states() { sinfo --noheader --Node --format='%N %t' | sort -u; }
 # A restarted slurmd counts once it has registered: until then the controller still shows the old one's state.
 registered_since() {  # NODE EPOCH
   local started
@@ -287,6 +295,6 @@ else
 fi
 tenths=$(( ($(date +%s%N) - T0) / 100000000 ))
 say "ready in $((tenths / 10)).$((tenths % 10)) s:" \
-  "${#NODES[@]} nodes (2 CPUs, 4000 MB, gpu:2 each) in partition debug, accounting by slurmdbd" \
-  "(MariaDB 127.0.0.1:$DB_PORT)"
+  "n1..n4 (2 CPUs, 4000 MB, gpu:2 each) in partition debug, nodns1 nodns2 (2 CPUs, no GPU, names not resolvable)" \
+  "in partition cpu, accounting by slurmdbd (MariaDB 127.0.0.1:$DB_PORT)"
 say "state and logs in $STATE; for sbatch/squeue/sacct: source $(cd "$(dirname "$0")" && pwd)/env.sh"

@@ -1,5 +1,6 @@
-"""Held-out perplexity is exact whatever the number of ranks: summed NLL and token counts are all-reduced, on a
-set whose size neither 2 nor 3 divides (every rank also runs the same number of forward passes)."""
+"""Held-out perplexity is the same whatever the number of ranks, to the last bit: the set's micro-batches are
+dealt to the ranks whole and their sums added in batch order, on a set whose size neither 2 nor 3 divides
+(every rank also runs the same number of forward passes)."""
 
 from __future__ import annotations
 
@@ -64,5 +65,5 @@ def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(assets: dic
         assert done.returncode == 0, done.stderr[-3000:]
         results[ranks] = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("EVAL"))[5:])
     assert results[1]["tokens"] == results[2]["tokens"] == results[3]["tokens"] > 0
-    for ranks in (2, 3):
-        assert abs(results[ranks]["loss"] - results[1]["loss"]) < 1e-6, results
+    for ranks in (2, 3):  # whole micro-batches dealt to ranks, sums added in batch order: the same bits
+        assert results[ranks]["loss"] == results[1]["loss"], results

@@ -4,6 +4,7 @@ batch; the ranks read different samples but end with identical adapters; the run
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def _run_config(assets: dict, tmp_path: Path, name: str) -> dict:
         training={
             "max_steps": STEPS,
             "warmup_steps": 1,
-            "checkpoint": {"every_steps": STEPS, "keep_last": 1},
+            "checkpoint": {"every_steps": STEPS // 2, "keep_last": 2},
         },
         eval={"every_steps": STEPS, "micro_batch_size": 4, "at_start": False},
         sharding={"backend": "qlora", "qlora": {"rank": 4, "dropout": 0.0}},
@@ -124,3 +125,19 @@ def test_ranks_get_different_gradients_and_keep_identical_adapters(assets: dict,
     # ... after it, and in the weights the optimizer makes from it, the ranks agree bit for bit
     for name in synced + weights:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_a_deleted_adapter_falls_back_to_the_previous_checkpoint(
+    runs: dict[int, Path], assets: dict, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "runs" / "ranks1"
+    shutil.copytree(runs[1], run_dir)
+    (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "adapter.safetensors").unlink()
+    config = _run_config(assets, tmp_path, "ranks1")
+    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"checkpoint step_{STEPS:07d} is damaged: adapter.safetensors: missing" in log, log[-3000:]
+    expected, got = train_losses(runs[1]), train_losses(run_dir)
+    for step in range(STEPS // 2 + 1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])

@@ -194,6 +194,26 @@ def test_sigkill_after_a_checkpoint_resumes_exactly_and_other_rank_counts_are_re
         assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
 
 
+def test_a_rank_partition_cut_short_is_found_by_its_rank_and_the_run_falls_back(
+    assets: dict, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rank 1's own files of the newest checkpoint damaged: the ranks verify their shares in parallel, rank 0
+    moves the checkpoint aside, and both resume from the previous one exactly."""
+    run_dir = tmp_path / "runs" / "z3"
+    shutil.copytree(runs["z3"], run_dir)
+    partition = run_dir / "checkpoints" / "step_0000006" / "zero_fp32_rank0001.safetensors"
+    partition.write_bytes(partition.read_bytes()[:-100])
+    cfg = write_config(tmp_path / "cfg.yaml", zero3_config(assets, tmp_path / "runs", "z3"))
+    _train(cfg, 2)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "checkpoint step_0000006 is damaged: zero_fp32_rank0001.safetensors:" in log, log[-3000:]
+    assert "resuming from the newest intact checkpoint, step_0000003" in log
+    expected, got = train_losses(runs["z3"]), train_losses(run_dir)
+    for step in range(4, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    assert (run_dir / "checkpoints" / "step_0000006.damaged" / "DAMAGED.json").is_file()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -333,3 +353,22 @@ def test_a_qwen2_model_trains_and_exports_under_zero3(assets: dict, tmp_path: Pa
     assert json.loads((run_dir / "final" / "config.json").read_text())["model_type"] == "qwen2"
     engine_loss = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
     assert abs(_val_loss_with_transformers(run_dir, run_dir / "final") - engine_loss) < 1e-5
+
+
+def test_deepspeed_ops_built_at_setup_load_without_compiling_whatever_ninja_comes_first(
+    tmp_path: Path,
+) -> None:
+    """Set-up ran the system's ninja and the ranks the environment's (another ninja log format): every first
+    run compiled again. Now the environment's ninja always builds, and a later build would be reported."""
+    code = (
+        "from keeltune.sharding.zero3 import build_ops, ops_folder\n"
+        "log = ops_folder() / 'deepspeed_shm_comm' / '.ninja_log'\n"
+        "assert log.is_file(), 'scripts/setup.sh builds the ops: run it first'\n"
+        "before = log.read_bytes()\n"
+        "build_ops(['ShareMemCommBuilder'])\n"
+        "print('UNCHANGED' if log.read_bytes() == before else 'COMPILED')\n"
+    )
+    env = {**os.environ, "PATH": f"/usr/bin:/bin:{Path(sys.executable).parent}", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "UNCHANGED" in done.stdout and "was compiled now" not in done.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
+from tests.conftest import REPO, base_config, keeltune, read_metrics, train_losses, write_config
 
 STEPS = 24
 
@@ -62,6 +64,11 @@ def test_run_folder_holds_config_checkpoints_metrics_and_a_loadable_model(uninte
     assert [r["step"] for r in evals] == [0, 4, 8, 12, 16, 20, 24]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
     assert "retention/general/forgetting_pct" in evals[-1]
+    umask = os.umask(0)
+    os.umask(umask)
+    for shared in (uninterrupted / "final", uninterrupted / "checkpoints" / "step_0000024"):
+        for path in shared.iterdir():  # readable by colleagues as the umask says (safetensors writes 0600)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(uninterrupted / "final", local_files_only=True)
     ids = torch.tensor([tokenizer.encode("What is the type of the value 3")])
@@ -173,3 +180,147 @@ def test_bad_data_line_is_reported_with_file_and_line(assets: dict, tmp_path: Pa
     assert done.returncode == 2
     assert f"{broken}:3: malformed JSON" in done.stderr
     assert os.path.exists(tmp_path / "runs" / "test" / "config.yaml")
+
+
+def _copy_of(uninterrupted: Path, tmp_path: Path, assets: dict) -> tuple[Path, Path]:
+    """The finished run (checkpoints at steps 20 and 24) copied, with a config that resumes it."""
+    run_dir = tmp_path / "runs" / "straight"
+    shutil.copytree(uninterrupted, run_dir)
+    return run_dir, write_config(tmp_path / "cfg.yaml", resume_config(assets, tmp_path / "runs", "straight"))
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _same_size_garbage(path: Path) -> None:
+    path.write_bytes(b"\x00garbage" * (path.stat().st_size // 8) + b"!" * (path.stat().st_size % 8))
+
+
+DAMAGE = {  # what happens to files on real disks and in copied run folders
+    "model cut in half": ("model.safetensors", _cut_in_half),
+    "optimizer deleted": ("optimizer.pt", Path.unlink),
+    "trainer state overwritten, same size": ("trainer_state.json", _same_size_garbage),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous_one(
+    assets: dict, tmp_path: Path, uninterrupted: Path, kind: str
+) -> None:
+    run_dir, cfg = _copy_of(uninterrupted, tmp_path, assets)
+    name, damage = DAMAGE[kind]
+    damage(run_dir / "checkpoints" / "step_0000024" / name)
+    resumed = keeltune("train", str(cfg))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"checkpoint step_0000024 is damaged: {name}" in log, log[-3000:]
+    assert "moved aside to step_0000024.damaged" in log
+    assert "resuming from the newest intact checkpoint, step_0000020" in log
+    note = json.loads((run_dir / "checkpoints" / "step_0000024.damaged" / "DAMAGED.json").read_text())
+    assert note["problems"][0].startswith(name)
+    expected, got = train_losses(uninterrupted), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(21, STEPS + 1):  # steps 21-24 trained again from step 20, exactly
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == [
+        "step_0000020",
+        "step_0000024",
+        "step_0000024.damaged",
+    ]  # damaged never counts to keep_last
+    status = keeltune("status", str(run_dir))
+    assert (
+        status.returncode == 0
+        and "damaged      step_0000024, moved aside to step_0000024.damaged" in status.stdout
+    )
+
+
+def test_only_damaged_checkpoints_are_refused_with_what_to_do_and_nothing_is_lost(
+    assets: dict, tmp_path: Path, uninterrupted: Path
+) -> None:
+    run_dir, cfg = _copy_of(uninterrupted, tmp_path, assets)
+    for step in (20, 24):  # found only by checksum: the job finds them, moves them aside, refuses
+        _same_size_garbage(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    refused = keeltune("train", str(cfg))
+    assert refused.returncode == 2
+    assert "no intact checkpoint to resume from; damaged and moved aside" in refused.stderr
+    assert "remove" in refused.stderr and "--set run.name=NEW_NAME" in refused.stderr
+    again = keeltune("train", str(cfg))  # refused on the login node now, before any job starts
+    assert again.returncode == 2 and "no intact checkpoint" in again.stderr
+    assert "run folder" not in again.stderr  # nothing started
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # never started over: nothing wiped
+    exported = keeltune("export", str(run_dir), "--out", str(tmp_path / "out"))
+    assert exported.returncode == 2 and "no complete checkpoint" in exported.stderr
+
+
+def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(
+    assets: dict, tmp_path: Path, uninterrupted: Path
+) -> None:
+    run_dir, cfg = _copy_of(uninterrupted, tmp_path, assets)
+    (run_dir / "checkpoints" / "step_0000024" / "manifest.json").unlink()
+    resumed = keeltune("train", str(cfg))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert (
+        "step_0000024 has no manifest.json (written by an older keeltune): resuming without verifying" in log
+    )
+    assert "resumed from" in log and "(step 24," in log
+
+
+def test_a_training_step_whose_batch_has_no_target_token_is_refused(assets: dict, tmp_path: Path) -> None:
+    long_turn = " ".join(f"w{i}" for i in range(600))  # an unanswered last turn: prompt-only samples
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                           {"role": "user", "content": long_turn}]}  # fmt: skip
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(record) + "\n")
+    config = base_config(assets, tmp_path / "runs")
+    config["data"]["train"] = [{"name": "chat", "path": str(chat), "format": "chat"}]
+    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "no sample of the global batch has a target token" in done.stderr
+    assert "have no target token (prompt only" in done.stderr  # prepare warned first
+
+
+FULL_DISK_REPORT = """
+import json, sys
+from pathlib import Path
+from keeltune.training.manifest import verify
+checkpoints = Path(sys.argv[1]) / "checkpoints"
+print(json.dumps({"exit": int(sys.argv[2]), "folders": sorted(p.name for p in checkpoints.iterdir()),
+                  "intact": verify(checkpoints / "step_0000002", checksums=True) == []}))
+"""
+
+
+def test_a_disk_that_fills_up_while_checkpointing_keeps_the_last_checkpoint_and_says_so(
+    assets: dict, tmp_path: Path
+) -> None:
+    """A 2 MiB tmpfs in a private user+mount namespace: the first checkpoint fits, the second cannot."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    config = base_config(
+        assets,
+        disk / "runs",
+        training={"max_steps": 8, "warmup_steps": 1, "checkpoint": {"every_steps": 2, "keep_last": 1}},
+        eval={"every_steps": 100, "micro_batch_size": 8, "at_start": False},
+    )
+    cfg = write_config(tmp_path / "cfg.yaml", config)
+    script = (
+        'mount -t tmpfs -o size=2m tmpfs "$1" && { "$2" -m keeltune.cli train "$3" 2>"$4"; '
+        '"$2" -c "$5" "$1/runs/test" "$?"; }'
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(disk),
+         sys.executable, str(cfg), str(tmp_path / "stderr.txt"), FULL_DISK_REPORT],
+        capture_output=True, text=True, check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert report["exit"] == 2, stderr[-3000:]
+    assert "step_0000004: could not be written" in stderr and "The disk is full" in stderr
+    assert "Traceback" not in stderr
+    assert (
+        report["folders"] == ["step_0000002"] and report["intact"]
+    )  # no half checkpoint, the last one whole

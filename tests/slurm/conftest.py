@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, read_metrics
 
 CLUSTER_SCRIPTS = REPO / "slurm" / "local-cluster"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
@@ -95,3 +96,39 @@ def slurm_cluster() -> LocalSlurm:
     state_dir = Path(os.environ.get("KEELTUNE_SLURM_DIR", "/var/tmp/keeltune-slurm"))
     os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
     return LocalSlurm(state_dir=state_dir, env=dict(os.environ))
+
+
+def launched_job_id(run_dir: Path) -> str:
+    """The id of the latest job ``keeltune launch`` submitted for a run folder."""
+    return json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    """Until the run has logged a training step at or after ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and any(
+            r.get("step", 0) >= step and "train/loss" in r for r in read_metrics(run_dir)
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir} never logged step {step}")
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The process of one task (rank) of a job, found by its Slurm environment."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            b"submitit.core._submit" in cmdline
+            and f"SLURM_JOB_ID={job}".encode() in environ
+            and f"SLURM_PROCID={rank}".encode() in environ
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no process for rank {rank} of job {job}")

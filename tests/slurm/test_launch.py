@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
-from tests.slurm.conftest import LocalSlurm
+from tests.conftest import base_config, keeltune, train_losses, write_config
+from tests.slurm.conftest import LocalSlurm, launched_job_id, task_pid, wait_for_step
 
 STEPS = 12
 
@@ -39,21 +39,6 @@ def launch_config(assets: dict, root: Path, name: str, backend: str = "zero3", s
     return config
 
 
-def _job_id(run_dir: Path) -> str:
-    return json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
-
-
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").is_file() and any(
-            r.get("step", 0) >= step and "train/loss" in r for r in read_metrics(run_dir)
-        ):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{run_dir} never logged step {step}")
-
-
 @pytest.fixture(scope="module")
 def one_node(slurm_cluster: LocalSlurm, assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted ZeRO-3 job: 1 node, 2 ranks."""
@@ -63,7 +48,9 @@ def one_node(slurm_cluster: LocalSlurm, assets: dict, tmp_path_factory: pytest.T
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "submitted job" in done.stdout and "run folder" in done.stdout
     run_dir = root / "runs" / "one"
-    slurm_cluster.wait_for_state(int(_job_id(run_dir)), {"COMPLETED"}, timeout=60)  # the batch script ends
+    slurm_cluster.wait_for_state(
+        int(launched_job_id(run_dir)), {"COMPLETED"}, timeout=60
+    )  # the batch script ends
     return run_dir
 
 
@@ -78,6 +65,10 @@ def test_a_one_node_job_finishes_and_its_checkpoint_exports(one_node: Path, tmp_
     assert (tmp_path / "model" / "model.safetensors").is_file()
     logs = keeltune("logs", str(one_node), "--rank", "1")
     assert "[rank1/n" in logs.stdout
+    beyond = keeltune("logs", str(one_node), "--rank", "7")
+    assert beyond.returncode == 2 and "this run has 2 rank(s), 0 to 1" in beyond.stderr
+    cancelled = keeltune("cancel", str(one_node))
+    assert cancelled.returncode == 1 and "already ended (COMPLETED): nothing to cancel" in cancelled.stderr
 
 
 def test_usr2_from_slurm_checkpoints_requeues_and_resumes_exactly_on_two_nodes(
@@ -90,8 +81,8 @@ def test_usr2_from_slurm_checkpoints_requeues_and_resumes_exactly_on_two_nodes(
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     run_dir = tmp_path / "runs" / "preempted"
-    job = _job_id(run_dir)
-    _wait_for_step(run_dir, 2)
+    job = launched_job_id(run_dir)
+    wait_for_step(run_dir, 2)
     slurm_cluster.run("scancel", "--signal=USR2", job)  # what Slurm sends before a time limit
     slurm_cluster.release_requeued(int(job))
     state = slurm_cluster.wait_for_state(int(job), {"COMPLETED"}, timeout=300)
@@ -115,25 +106,9 @@ def test_usr2_from_slurm_checkpoints_requeues_and_resumes_exactly_on_two_nodes(
     run_id = (run_dir / "wandb_run_id").read_text()
     attempts = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(attempts) == 2  # both attempts logged to the same W&B run
-
-
-def _task_pid(job: str, rank: int) -> int:
-    """The process of one task (rank) of a job, found by its Slurm environment."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            b"submitit.core._submit" in cmdline
-            and f"SLURM_JOB_ID={job}".encode() in environ
-            and f"SLURM_PROCID={rank}".encode() in environ
-        ):
-            return int(proc.name)
-    raise AssertionError(f"no process for rank {rank} of job {job}")
+    status = keeltune("status", str(run_dir)).stdout  # the clean stop of the first attempt is no failure
+    assert "COMPLETED" in status and "failure" not in status and "cause" not in status, status
+    assert f"finished     every rank, at step {STEPS}" in status
 
 
 def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
@@ -144,12 +119,12 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
     )
     assert keeltune("launch", str(cfg), "--nodes", "2", "--gpus-per-node", "1").returncode == 0
     run_dir = tmp_path / "runs" / "killed"
-    job = _job_id(run_dir)
-    _wait_for_step(run_dir, 1)
+    job = launched_job_id(run_dir)
+    wait_for_step(run_dir, 1)
     killed_at = time.monotonic()
     import os
 
-    os.kill(_task_pid(job, 1), signal.SIGKILL)
+    os.kill(task_pid(job, 1), signal.SIGKILL)
     state = slurm_cluster.wait_for_state(int(job), {"FAILED"}, timeout=90)
     assert state == "FAILED" and time.monotonic() - killed_at < 90
     status = keeltune("status", str(run_dir))
@@ -160,7 +135,7 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
     )
     assert keeltune("launch", str(cfg), "--nodes", "1", "--gpus-per-node", "1").returncode == 0
     run_dir = tmp_path / "runs" / "cancelled"
-    job = _job_id(run_dir)
+    job = launched_job_id(run_dir)
     slurm_cluster.wait_for_state(int(job), {"RUNNING"}, timeout=60, source="squeue")
     cancelled = keeltune("cancel", str(run_dir))
     assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout

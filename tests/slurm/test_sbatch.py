@@ -49,6 +49,10 @@ def test_rendered_script_runs_two_nodes_and_quotes_everything(
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert (run_dir / "logs" / "rank1.log").is_file()  # two ranks, one per node
+    status = keeltune("status", str(run_dir))  # the job recorded itself in the run folder
+    assert f"job          {job} (slurm, sbatch script): COMPLETED" in status.stdout, (
+        status.stdout + status.stderr
+    )
     assert not [p for p in tmp_path.rglob("CANARY")], "a config value ran as shell code"
     assert not Path("CANARY").exists()
 

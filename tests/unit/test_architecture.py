@@ -70,6 +70,7 @@ def test_login_node_commands_import_no_torch_or_deepspeed(tmp_path: Path) -> Non
         "import sys\nfrom keeltune.cli import main\n"
         f"assert main(['config', {str(config)!r}, '--nproc', '16']) == 0\n"
         "import keeltune.launcher.run_dir, keeltune.launcher.local, keeltune.launcher.submit, keeltune.launcher.job\n"
+        "import keeltune.launcher.entry, keeltune.launcher.rank_records, keeltune.training.manifest\n"
         "import keeltune.sharding.plan, keeltune.data_pipeline.prepare\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'deepspeed', 'transformers'})\n"
         "print('HEAVY', heavy)\n"

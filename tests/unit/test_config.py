@@ -329,3 +329,56 @@ def test_regularizers_a_backend_cannot_compute_exactly_are_refused_at_load(tmp_p
         "sharding:\n  backend: qlora\nregularization:\n  kl: {weight: 0.5}\n  l2sp: {weight: 0.01}\n"
     )
     assert qlora.regularization.kl.weight == 0.5 and qlora.regularization.l2sp.weight == 0.01
+
+
+def test_anchors_and_merge_keys_work_and_an_alias_bomb_is_refused_fast(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    merged = MINIMAL.replace(
+        "      format: instruction\n",
+        "      format: instruction\n      fields: &names {instruction: question, output: answer}\n"
+        "  validation:\n    <<: {name: val, format: instruction}\n    path: /shared/data/val.jsonl\n"
+        "    fields: *names\n",
+    )
+    config = load_config(write(tmp_path, merged))
+    assert config.data.validation.name == "val" and config.data.validation.format == "instruction"
+    assert config.data.validation.fields.instruction == "question"
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = write(tmp_path, MINIMAL + "\n".join(laughs) + "\n", "bomb.yaml")
+    assert bomb.stat().st_size < 1024  # 9^10 = 3.5e9 leaves
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml:\d+: the config expands to more than 20,000 values"):
+        load_config(bomb)
+    assert time.perf_counter() - started < 1.0
+    tracemalloc.start()
+    with pytest.raises(ConfigError):
+        load_config(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 * 2**20, peak
+    itself = write(tmp_path, MINIMAL + "run: &loop {name: x, more: *loop}\n", "loop.yaml")
+    with pytest.raises(ConfigError, match=r"loop.yaml:\d+: run.more: an alias that contains itself"):
+        load_config(itself)
+    deep = write(tmp_path, MINIMAL + "run: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+
+
+def test_an_override_that_creates_a_wrong_section_is_blamed_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL, "good.yaml")
+    with pytest.raises(ConfigError, match=r"^--set nosuch\.deep=1: nosuch: unknown key"):
+        load_config(path, ["nosuch.deep=1"])
+    with pytest.raises(ConfigError, match=r"^--set nosuch=1: nosuch: unknown key"):
+        load_config(path, ["nosuch=1"])
+
+
+def test_cpu_ranks_without_gpus_and_one_rank_per_gpu(tmp_path: Path) -> None:
+    cpu = load_config(
+        write(tmp_path, MINIMAL), ["slurm.gpus_per_node=0", "slurm.ntasks_per_node=4", "slurm.nodes=2"]
+    )
+    assert cpu.slurm.ranks_per_node == 4 and cpu.slurm.world_size == 8
+    assert load_config(write(tmp_path, MINIMAL), ["slurm.gpus_per_node=0"]).slurm.world_size == 1
+    with pytest.raises(ConfigError, match="keeltune runs one rank per GPU"):
+        load_config(write(tmp_path, MINIMAL), ["slurm.gpus_per_node=8", "slurm.ntasks_per_node=2"])

@@ -29,7 +29,11 @@ def tokenizer(assets: dict):
 
 
 def _prepare(tokenizer, path: Path, out: Path, seq_len: int = 16, **source) -> dict:
-    options = {k: source.pop(k) for k in ("long_documents", "shard_samples", "workers") if k in source}
+    options = {
+        k: source.pop(k)
+        for k in ("long_documents", "long_prompts", "shard_samples", "workers")
+        if k in source
+    }
     return prepare_source(
         SourceConfig(name="src", path=str(path), **source),
         out,
@@ -101,12 +105,91 @@ def test_skip_mode_counts_and_writes_rejected_lines(tokenizer, tmp_path: Path, c
     assert "skipped 3 bad record(s) of 5" in caplog.text
 
 
-def test_zero_usable_samples_is_an_error_before_training(tokenizer, tmp_path: Path) -> None:
+def test_zero_usable_samples_is_an_error_before_training_and_keeps_the_rejects(
+    tokenizer, tmp_path: Path
+) -> None:
     path = tmp_path / "all_bad.jsonl"
     path.write_text('{"txt": 1}\n{"txt": 2}\n')
-    with pytest.raises(DataError, match=r"'src' .*no usable samples \(2 records, 2 rejected"):
+    kept = tmp_path / "out.rejects.jsonl"
+    with pytest.raises(DataError, match=r"'src' .*no usable samples \(2 records, 2 rejected") as err:
         _prepare(tokenizer, path, tmp_path / "out", on_error="skip")
+    assert f"listed in {kept}" in str(err.value)
     assert not (tmp_path / "out").exists()
+    rejects = [json.loads(line) for line in kept.read_text().splitlines()]  # when every record is bad
+    assert [r["where"] for r in rejects] == [f"{path}:1", f"{path}:2"] and "missing field" in rejects[0][
+        "error"
+    ]
+
+
+def test_a_byte_order_mark_is_accepted_and_prepared_folders_follow_the_umask(
+    tokenizer, tmp_path: Path
+) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first line after a BOM"}\n{"text": "second"}\n')
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeffplain text after a BOM".encode())
+    previous = os.umask(0o022)
+    try:
+        index = _prepare(tokenizer, path, tmp_path / "out")
+        _prepare(tokenizer, text, tmp_path / "text")
+    finally:
+        os.umask(previous)
+    assert index["num_documents"] == 2
+    ids, _ = _all_samples(tmp_path / "text")
+    assert "\ufeff" not in tokenizer.decode(ids[0])
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # colleagues can read a shared prepared_dir
+
+
+def _long_prompt_records(tokenizer, path: Path, prompt_tokens: int) -> tuple[list[int], list[int]]:
+    """A short record and one whose instruction alone is longer than the sequence; their answers' tokens."""
+    words = " ".join(f"w{i}" for i in range(prompt_tokens))
+    records = [
+        {"instruction": "Short question?", "output": "short answer"},
+        {"instruction": words, "output": "the long answer"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return [
+        tokenizer.encode(r["output"], add_special_tokens=False) + [tokenizer.eos_token_id] for r in records
+    ]
+
+
+def test_a_prompt_longer_than_the_sequence_is_cut_from_the_left_or_dropped(
+    tokenizer, tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "long_prompts.jsonl"
+    answers = _long_prompt_records(tokenizer, path, prompt_tokens=400)
+    cut = _prepare(
+        tokenizer, path, tmp_path / "cut", seq_len=64, long_prompts="truncate", format="instruction"
+    )
+    assert cut["num_long_prompts_cut"] == 1 and cut["num_documents"] == 2
+    assert cut["num_targetless_samples"] == 0  # split, it would have made ~12 samples without a target
+    ids, mask = _all_samples(tmp_path / "cut")
+    learned = [
+        int(t)
+        for row_ids, row_mask in zip(ids, mask, strict=True)
+        for t, m in zip(row_ids[1:], row_mask[1:], strict=True)
+        if m
+    ]
+    assert learned == answers[0] + answers[1]  # both answers are learned, whole
+    assert "1 record(s) of 2 have a prompt of 64 tokens or more" in caplog.text
+    dropped = _prepare(
+        tokenizer, path, tmp_path / "drop", seq_len=64, long_prompts="drop", format="instruction"
+    )
+    assert dropped["num_long_prompts_dropped"] == 1 and dropped["num_documents"] == 1
+    assert dropped["num_target_tokens"] == len(answers[0])
+
+
+def test_a_source_that_is_mostly_prompt_is_warned_about(tokenizer, tmp_path: Path, caplog) -> None:
+    """A conversation that ends in a long unanswered turn: masked samples the prompt policy cannot fix."""
+    long_turn = " ".join(f"w{i}" for i in range(600))
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                           {"role": "user", "content": long_turn}]}  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    index = _prepare(tokenizer, path, tmp_path / "out", seq_len=32, format="chat")
+    assert index["num_targetless_samples"] > 0.9 * index["num_samples"]
+    assert f"{index['num_targetless_samples']} of {index['num_samples']} samples" in caplog.text
+    assert "have no target token" in caplog.text
 
 
 def test_long_documents_are_split_or_truncated(tokenizer, tmp_path: Path) -> None:
@@ -222,6 +305,14 @@ def test_train_refuses_stale_shards_and_prepare_replaces_them(
     with pytest.raises(DataError, match=r"stale \(changed since it was prepared: the source files\)"):
         outcomes()
     task.write_bytes(original)
+    moved = tmp_path / "moved" / "task.jsonl"  # the same data in another place (a moved or copied folder)
+    moved.parent.mkdir()
+    moved.write_bytes(original)
+    elsewhere = copy.deepcopy(config.data)
+    elsewhere.train[0].path = str(moved)
+    assert outcomes(elsewhere) == ["current"] * 3
+    index = json.loads((config.run_dir / "data" / "train-task" / "index.json").read_text())
+    assert index["recipe"]["files"][0]["path"] == str(moved)  # recorded: not hashed again next time
     longer = config_from_dict({**raw, "data": {**raw["data"], "seq_len": 32}})
     with pytest.raises(DataError, match=r"data.train.0 \(task\): the shards in .*train-task are stale \(changed "
                        r"since it was prepared: seq_len\); run keeltune prepare CONFIG"):  # fmt: skip

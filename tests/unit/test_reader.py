@@ -17,7 +17,6 @@ from keeltune.data_pipeline.reader import (
     MixingSchedule,
     PackedDataset,
     TrainStream,
-    eval_shard,
 )
 
 SEQ = 4
@@ -153,13 +152,3 @@ def test_resume_refuses_changed_data(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="seed changed"):
         streams([a], 1, seed=6, state=state)
     streams([a], 1, state={"consumed_samples": 12, "seed": 5})  # a checkpoint of the first data format
-
-
-def test_eval_shards_cover_every_sample_once(tmp_path: Path) -> None:
-    dataset = make_prepared(tmp_path / "a", "a", 10, shard_samples=3)
-    for world in (1, 2, 3, 4):
-        parts = [eval_shard(dataset, r, world, None) for r in range(world)]
-        assert sorted(np.concatenate(parts).tolist()) == list(range(10))
-        for part in parts:  # every rank reads its own samples through the same reader
-            assert (dataset.get(part)[0][:, 0] == part).all()
-    assert sorted(sum((eval_shard(dataset, r, 3, 7).tolist() for r in range(3)), [])) == list(range(7))

@@ -52,3 +52,10 @@ def test_hostile_values_stay_single_shell_words() -> None:
     assert "export NOTE='$(rm -rf ~) `id`'" in script
     launch = script[script.index("srun") :].replace("\\\n", " ")
     assert shlex.split(launch)[-1] == "/tmp/run $(touch CANARY)"
+
+
+def test_cpu_ranks_ask_for_tasks_and_no_gpus() -> None:
+    config = _config()
+    config.slurm.gpus_per_node, config.slurm.ntasks_per_node = 0, 4
+    script = render_sbatch(config, Path("/shared/runs/sft"), python="/usr/bin/python3")
+    assert "#SBATCH --ntasks-per-node=4" in script and "--gpus-per-node" not in script
