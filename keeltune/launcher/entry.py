@@ -127,7 +127,7 @@ def register_slurm_job(run_dir: Path, config, rank: int) -> None:
         JobRecord(
             job_id=job,
             cluster="slurm",
-            submitted=round(time.time(), 3),
+            submitted=float(os.environ.get("SLURM_JOB_START_TIME") or round(time.time() - 60)),
             nodes=config.slurm.nodes,
             tasks_per_node=config.slurm.ranks_per_node,
             folder=str(run_dir / "logs"),

@@ -120,7 +120,7 @@ class Heartbeat:
 
 
 def silence_note(silent: list[dict[str, Any]], now: float | None = None) -> str:
-    """``rank 1 on n2 fell silent (no heartbeat for 12 s, at step 7)`` for each silent rank."""
+    """``rank 1 on n2 fell silent (its last heartbeat 12 s ago, at step 7)`` for each silent rank."""
     now = time.time() if now is None else now
     return "; ".join(
         f"rank {r['rank']} on {r.get('node', '?')} fell silent (its last heartbeat {now - r.get('beat', now):.0f} s "

@@ -139,11 +139,14 @@ def save_checkpoint(
                 else "Fix that, then resume"
             )  # fmt: skip
         ) from err
+    # read back as written before rotating: an intact checkpoint is never deleted for a bad one
+    problems = parallel.broadcast_object(verify_sizes(final) if parallel.is_main else None)
+    if problems:
+        raise CheckpointError(
+            f"{final}: damaged right after writing ({'; '.join(problems)}); the earlier checkpoints are kept. "
+            f"Check the filesystem of {root}"
+        )
     if parallel.is_main:
-        problems = verify_sizes(final)
-        if problems:  # read back as written: never rotate away an intact checkpoint for a bad one
-            raise CheckpointError(f"{final}: damaged right after writing ({'; '.join(problems)}); earlier "
-                                  f"checkpoints kept. Check the filesystem of {root}")  # fmt: skip
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step_*"):

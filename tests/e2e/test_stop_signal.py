@@ -4,6 +4,7 @@ it, and W&B's charts continue on the run's own step. W&B failures are logged, ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ def test_sigterm_checkpoints_at_the_step_reached_although_w_and_b_fails_to_close
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while not ((run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3):
@@ -58,6 +60,8 @@ def test_sigterm_checkpoints_at_the_step_reached_although_w_and_b_fails_to_close
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 3, stderr[-3000:]  # stopped cleanly after checkpointing
+    with contextlib.suppress(ProcessLookupError):  # what W&B left running, as the end of a job step would
+        os.killpg(process.pid, signal.SIGKILL)
     reached = max(train_losses(run_dir))
     assert reached < STEPS
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{reached:07d}"]
