@@ -67,6 +67,8 @@ def train_rank(run_dir: Path, stop: StopRequest | None = None):
     from keeltune.training.trainer import Trainer
 
     config = load_config(run_dir / CONFIG_FILE)
+    if "wandb" not in sys.modules:  # a W&B service of whoever started this process is not this run's
+        os.environ.pop("WANDB_SERVICE", None)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(run_dir, rank)
     register_slurm_job(run_dir, config, rank)

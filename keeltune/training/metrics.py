@@ -20,7 +20,6 @@ log = logging.getLogger("keeltune")
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 STEP_METRIC = "trainer/step"  # the x-axis of every W&B chart
-INIT_ATTEMPTS, INIT_RETRY_S = 6, 5  # wandb.init while an earlier attempt's killed service still holds the run
 
 
 def _wandb_host() -> tuple[str, int]:
@@ -103,7 +102,17 @@ class MetricsLogger:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         try:
-            self.wandb_run = self._init_wandb(wandb, wandb_config, run_config, run_id, mode)
+            self.wandb_run = wandb.init(
+                project=wandb_config.project,
+                entity=wandb_config.entity or None,
+                name=run_config["run"]["name"],
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(self.run_dir),
+                config=run_config,
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
+            )
             self.wandb_run.define_metric(STEP_METRIC, hidden=True)
             self.wandb_run.define_metric("*", step_metric=STEP_METRIC)
         except Exception as err:  # W&B must never stop training
@@ -117,36 +126,6 @@ class MetricsLogger:
             )
         else:
             log.info("W&B run: %s", self.wandb_run.url)
-
-    def _init_wandb(
-        self, wandb: Any, wandb_config: WandbConfig, run_config: dict[str, Any], run_id: str, mode: str
-    ) -> Any:
-        """``wandb.init``, tried again for a while when the run is still held by the W&B service of an earlier
-        attempt that was killed (an orphaned service keeps the run "in use" until it notices)."""
-
-        def init() -> Any:
-            return wandb.init(
-                project=wandb_config.project,
-                entity=wandb_config.entity or None,
-                name=run_config["run"]["name"],
-                id=run_id,
-                resume="allow",
-                mode=mode,
-                dir=str(self.run_dir),
-                config=run_config,
-                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
-            )
-
-        for _ in range(INIT_ATTEMPTS - 1):
-            try:
-                return init()
-            except Exception as err:
-                if "in use" not in str(err):
-                    raise
-                log.info("W&B run %s is still held by an earlier attempt's service; trying again in %d s",
-                         run_id, INIT_RETRY_S)  # fmt: skip
-                time.sleep(INIT_RETRY_S)
-        return init()
 
     def _wandb_failed(self, what: str, err: BaseException) -> None:
         log.warning(

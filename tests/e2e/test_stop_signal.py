@@ -94,6 +94,7 @@ def test_w_and_b_failures_are_logged_and_metrics_jsonl_goes_on(
         raise ConnectionResetError("Connection lost")
 
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # W&B publishes its service there: undone after
     logger = MetricsLogger(
         tmp_path, WandbConfig(mode="offline"), enabled=True, run_config={"run": {"name": "w"}}
     )
