@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keeltune.config import Config
+    from keeltune.launcher.submit import JobRecord
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +247,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranks_text(config) -> str:
+def _ranks_text(config: Config) -> str:
     slurm = config.slurm
     if slurm.gpus_per_node:
         return f"{slurm.gpus_per_node} GPU(s), one rank each"
@@ -333,7 +338,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_job(record, run_dir: Path) -> None:
+def _print_job(record: JobRecord, run_dir: Path) -> None:
     """The job's state, then how its ranks ended: each rank's own record, else what srun saw of them."""
     from keeltune.launcher import submit
     from keeltune.launcher.rank_records import explain, read_records

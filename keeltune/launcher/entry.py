@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from keeltune.config import ConfigError
+from keeltune.config import Config, ConfigError
 from keeltune.data_pipeline.sources import DataError
 from keeltune.launcher.rank_records import Heartbeat, heartbeat_interval, silence_note
 from keeltune.training.manifest import CheckpointError
@@ -114,7 +114,7 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def register_slurm_job(run_dir: Path, config, rank: int) -> None:
+def register_slurm_job(run_dir: Path, config: Config, rank: int) -> None:
     """A job submitted by hand (the rendered sbatch script) records itself in the run folder, like ``keeltune
     launch`` does, so that ``status``, ``logs`` and ``cancel`` know it."""
     job = os.environ.get("SLURM_JOB_ID")
