@@ -30,7 +30,8 @@ def test_a_heartbeat_keeps_beating_and_ends_with_the_outcome(tmp_path: Path) -> 
     time.sleep(0.3)
     running = read_records(tmp_path)[1]
     assert running["outcome"] == "running" and running["beat"] > first and running["step"] == 5
-    beat.record["beat"] -= 10  # as if the process had been stopped for 10 s: the next beat notes the gap
+    with beat._lock:  # as if the process had been stopped for 10 s: the next beat notes the gap
+        beat.record["beat"] -= 10
     time.sleep(0.15)
     frozen = read_records(tmp_path)[1]["frozen"]
     assert 9.5 < frozen[1] - frozen[0] < 11
