@@ -109,12 +109,10 @@ class JobRecord:
     submitted: float
     nodes: int
     tasks_per_node: int
-    folder: (
-        str  # where the job's output lands: submitit's folder (per-task stdout/stderr), or the run's logs/
-    )
-    launcher: str = (
-        "submitit"  # submitit (keeltune launch) | sbatch (the rendered script, recorded by rank 0)
-    )
+    # where the job's output lands: submitit's folder (per-task stdout/stderr), or the run's logs/
+    folder: str
+    # submitit (keeltune launch) | sbatch (the rendered script, recorded by its rank 0)
+    launcher: str = "submitit"
 
     @property
     def ranks(self) -> int:

@@ -110,9 +110,8 @@ def save_checkpoint(
         backend.save(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{parallel.rank}.pt")
         if parallel.is_main:
-            _write_synced(
-                tmp / STATE_FILE, json.dumps({**trainer_state, "world_size": parallel.world_size}, indent=1)
-            )
+            state = {**trainer_state, "world_size": parallel.world_size}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # fsynced with the folder below
         parallel.barrier()
         sizes: dict[str, int] = parallel.broadcast_object(checkpoint_files(tmp) if parallel.is_main else None)
         mine = deal(sizes, parallel.world_size)[parallel.rank]
@@ -223,10 +222,3 @@ def load_checkpoint(folder: Path, backend: Backend, parallel: ParallelEnv) -> di
     if rng_file.is_file():  # a rank that did not exist before starts from its seeded RNG
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())

@@ -67,16 +67,9 @@ def describe(folder: Path, names: list[str], *, checksums: bool) -> dict[str, di
 
 
 def write_manifest(folder: Path, step: int, files: dict[str, dict[str, Any]]) -> None:
-    """The manifest, written last (temporary file, fsync, rename)."""
-    text = json.dumps(
-        {"version": MANIFEST_VERSION, "step": step, "files": dict(sorted(files.items()))}, indent=1
-    )
-    tmp = folder / f".{MANIFEST_FILE}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MANIFEST_FILE)
+    """The manifest, written last into a checkpoint's temporary folder (which the caller fsyncs and renames)."""
+    manifest = {"version": MANIFEST_VERSION, "step": step, "files": dict(sorted(files.items()))}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
