@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from keeltune.config import config_from_dict
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.ddp import DDPBackend
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.checkpoint import save_checkpoint, verify_on_ranks
 
 

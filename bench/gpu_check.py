@@ -162,8 +162,8 @@ def keeltune_config(work: Path, shape: Shape, backend: str) -> Any:
 
 def packed_samples(work: Path, shape: Shape) -> Any:
     """keeltune's prepared packed dataset (the same samples the keeltune parts train on)."""
+    from keeltune.distributed import ParallelEnv
     from keeltune.sharding.model import load_tokenizer
-    from keeltune.sharding.parallel import ParallelEnv
     from keeltune.training.trainer import build_datasets
 
     config = keeltune_config(work, shape, "ddp")
@@ -335,8 +335,8 @@ def part_plain(work: Path, shape: Shape) -> dict[str, Any]:
 
 def _keeltune(work: Path, shape: Shape, backend: str) -> dict[str, Any]:
     """keeltune's Trainer, one ``train_one_step`` at a time (what ``fit`` runs, without eval/checkpoints)."""
+    from keeltune.distributed import ParallelEnv
     from keeltune.launcher.run_dir import prepare_run_dir
-    from keeltune.sharding.parallel import ParallelEnv
     from keeltune.training.run_files import METRICS_FILE
     from keeltune.training.trainer import Trainer
 

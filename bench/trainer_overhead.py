@@ -24,10 +24,10 @@ from keeltune.config import config_from_dict
 from keeltune.demo import corpora
 from keeltune.demo.recipe import DEFAULT, llama_config
 from keeltune.demo.tokenizer import train_tokenizer
+from keeltune.distributed import ParallelEnv
 from keeltune.launcher.entry import setup_logging
 from keeltune.launcher.run_dir import prepare_run_dir
 from keeltune.sharding.model import decay_groups, load_causal_lm
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.trainer import Trainer
 
 

@@ -72,7 +72,7 @@ def run_config(workdir: Path, model: Path, data: Path, name: str, **training: An
 
 
 def join_one_rank_group() -> None:
-    """Work around keeltune's ``_ensure_process_group`` hanging under torchrun with one rank: it inits a
+    """Work around ``ParallelEnv.ensure_process_group`` hanging under torchrun with one rank: it inits a
     ``tcp://`` group on a fresh port, but torchrun's ``TORCHELASTIC_USE_AGENT_STORE`` makes that rank a client
     of a store nobody serves. Joining through torchrun's env:// first makes keeltune skip its own init."""
     import torch.distributed as dist

@@ -57,8 +57,8 @@ class Storages:
 
 def rank_main(run_dir: Path) -> None:
     from keeltune.config import load_config
+    from keeltune.distributed import ParallelEnv
     from keeltune.launcher.entry import setup_logging
-    from keeltune.sharding.parallel import ParallelEnv
     from keeltune.training.run_files import CONFIG_FILE
     from keeltune.training.trainer import Trainer
 

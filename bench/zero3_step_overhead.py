@@ -87,8 +87,8 @@ def timed(step: Callable[[], None], count: int) -> float:
 
 def rank_main(run_dir: Path, repeats: int, steps: int) -> None:
     from keeltune.config import load_config
+    from keeltune.distributed import ParallelEnv
     from keeltune.launcher.entry import setup_logging
-    from keeltune.sharding.parallel import ParallelEnv
     from keeltune.training.run_files import CONFIG_FILE
     from keeltune.training.trainer import Trainer
 

@@ -63,7 +63,7 @@ def train_rank(run_dir: Path, stop: StopRequest | None = None):
     heartbeat and then says how it ended; a failure goes into the rank's own log with its traceback, naming any
     rank that fell silent."""
     from keeltune.config import load_config
-    from keeltune.sharding.parallel import ParallelEnv
+    from keeltune.distributed import ParallelEnv
     from keeltune.training.trainer import Trainer
 
     config = load_config(run_dir / CONFIG_FILE)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="run folder holding config.yaml")
     args = parser.parse_args(argv)
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # a task of the rendered sbatch script
-        from keeltune.sharding.parallel import slurm_task_environment
+        from keeltune.distributed import slurm_task_environment
 
         os.environ.update(slurm_task_environment())
     try:
@@ -176,6 +176,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from keeltune.sharding.parallel import exit_rank
+    from keeltune.distributed import exit_rank
 
     exit_rank(main())

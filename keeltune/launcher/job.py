@@ -21,7 +21,7 @@ from keeltune.training.stop import StopRequest
 
 def export_distributed_env() -> None:
     """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for torch's env:// init."""
-    from keeltune.sharding.parallel import rendezvous_environment, slurm_task_environment
+    from keeltune.distributed import rendezvous_environment, slurm_task_environment
 
     if "SLURM_PROCID" in os.environ:
         os.environ.update(slurm_task_environment())
@@ -43,7 +43,7 @@ def leave_without_finalization(status: int) -> None:
     """End this task with ``status`` once submitit is done with it (it writes the result after the job returns),
     skipping interpreter finalization like every other rank (``exit_rank``): gloo's threads can abort a finished
     rank there, and Slurm then reports the whole job FAILED. An uncaught error still exits 1."""
-    from keeltune.sharding.parallel import exit_rank
+    from keeltune.distributed import exit_rank
 
     failed: list[bool] = []
     previous = sys.excepthook

@@ -10,10 +10,10 @@ def run_local(run_dir: Path, nproc: int) -> int:
     which then ends like every rank (``exit_rank``: no interpreter finalization, where a finished or failed
     rank's leftover threads can abort it)."""
     if nproc == 1:
+        from keeltune.distributed import exit_rank
         from keeltune.launcher.entry import main as entry_main
-        from keeltune.sharding.parallel import exit_rank
 
         exit_rank(entry_main([str(run_dir)]))
-    from keeltune.sharding.parallel import run_local_ranks
+    from keeltune.distributed import run_local_ranks
 
     return run_local_ranks(nproc, "keeltune.launcher.entry", str(run_dir))

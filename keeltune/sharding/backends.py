@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from keeltune.config import Config
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import Backend
-from keeltune.sharding.parallel import ParallelEnv
 
 
 def build_backend(config: Config, parallel: ParallelEnv) -> Backend:

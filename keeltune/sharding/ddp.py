@@ -14,6 +14,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from keeltune.config import Config
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.model import (
     autocast_dtype,
     decay_groups,
@@ -21,7 +22,6 @@ from keeltune.sharding.model import (
     load_causal_lm,
     sample_sequences,
 )
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import WeightAnchor, add_neftune
 
 

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keeltune.config import Config, QLoraConfig
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.ddp import ReplicaBackend
 from keeltune.sharding.model import load_causal_lm
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import add_neftune, add_penalty_gradients, lora_change_penalty
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is fine.

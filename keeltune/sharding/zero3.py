@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from keeltune.config import Config, ConfigError, RegularizationConfig
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.model import (
     autocast_dtype,
     causal_lm_config,
@@ -35,7 +36,6 @@ from keeltune.sharding.model import (
     enable_activation_checkpointing,
     sample_sequences,
 )
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import add_neftune
 from keeltune.sharding.plan import deepspeed_config, model_hidden_size
 from keeltune.sharding.tensor_files import TensorFile, model_tensor_files, write_tensor_file
@@ -145,24 +145,6 @@ def large_allocations_returned() -> Iterator[None]:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
             libc.malloc_trim(0)
-
-
-def _ensure_process_group(parallel: ParallelEnv) -> None:
-    """DeepSpeed needs a process group even for one rank."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)  # DeepSpeed reads them even for one process
-    if dist.is_initialized():
-        return
-    backend = "nccl" if parallel.device.type == "cuda" else "gloo"
-    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):  # a launcher's rendezvous (torchrun's
-        dist.init_process_group(backend)  # agent store, or the Slurm job's): a private port would never meet
-        return
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def load_partitioned_model(
@@ -278,7 +260,7 @@ class Zero3Backend:
 
         self.parallel = parallel
         build_ops(needed_ops(config, parallel.device))
-        _ensure_process_group(parallel)
+        parallel.ensure_process_group()
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         bf16 = autocast_dtype(config.training.precision, parallel.device) is not None
         self.ds_config = deepspeed_config(

@@ -20,8 +20,8 @@ import torch
 
 from keeltune.config import Config, SourceConfig
 from keeltune.data_pipeline.sources import DataError
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import Backend
-from keeltune.sharding.parallel import ParallelEnv
 
 log = logging.getLogger("keeltune")
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import Backend
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.manifest import (
     CheckpointError,
     check_files,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from keeltune.data_pipeline.reader import PackedDataset
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.base import Backend
-from keeltune.sharding.parallel import ParallelEnv
 
 log = logging.getLogger("keeltune")
 

@@ -17,10 +17,10 @@ import torch
 from keeltune.config import Config, ConfigError, load_config
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
+from keeltune.distributed import ParallelEnv, exit_rank, run_local_ranks
 from keeltune.eval.evaluate import evaluate, forgetting
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
-from keeltune.sharding.parallel import ParallelEnv, exit_rank, run_local_ranks
 from keeltune.training.manifest import checkpoint_to_read
 from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE
 

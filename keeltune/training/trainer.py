@@ -19,12 +19,12 @@ from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.data_pipeline.sources import DataError
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import EvalResult, evaluate, forgetting, token_nll
 from keeltune.eval.stopping import BestModel, EarlyStopping, forgetting_breaches
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.base_samples import draw_base_samples
 from keeltune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from keeltune.training.loader import StepLoader

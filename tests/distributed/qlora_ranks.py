@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from keeltune.config import load_config
+from keeltune.distributed import ParallelEnv, exit_rank
 from keeltune.eval.evaluate import token_nll
-from keeltune.sharding.parallel import ParallelEnv, exit_rank
 from keeltune.sharding.qlora import QLoraBackend, trainable_state
 
 

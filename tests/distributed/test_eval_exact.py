@@ -18,7 +18,7 @@ import torch
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.eval.evaluate import evaluate
 from keeltune.sharding.model import load_causal_lm
-from keeltune.sharding.parallel import ParallelEnv, exit_rank
+from keeltune.distributed import ParallelEnv, exit_rank
 torch.set_num_threads(1)
 parallel = ParallelEnv.from_environment()
 model = load_causal_lm(sys.argv[1]).eval()

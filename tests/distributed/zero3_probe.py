@@ -12,11 +12,10 @@ import psutil
 import torch
 
 from keeltune.config import load_config
+from keeltune.distributed import ParallelEnv, exit_rank
 from keeltune.sharding.model import causal_lm_config
-from keeltune.sharding.parallel import ParallelEnv, exit_rank
 from keeltune.sharding.plan import deepspeed_config, model_hidden_size
 from keeltune.sharding.zero3 import (
-    _ensure_process_group,
     build_ops,
     large_allocations_returned,
     load_partitioned_model,
@@ -36,7 +35,7 @@ def main() -> None:
     config = load_config(sys.argv[1])
     parallel = ParallelEnv.from_environment()
     build_ops(["ShareMemCommBuilder"])
-    _ensure_process_group(parallel)
+    parallel.ensure_process_group()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

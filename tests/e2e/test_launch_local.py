@@ -13,7 +13,7 @@ from tests.conftest import base_config, keeltune, train_losses, write_config
 PREFLIGHT = """
 import os, sys, time
 import torch.distributed as dist
-from keeltune.sharding.parallel import ParallelEnv
+from keeltune.distributed import ParallelEnv
 if os.environ["RANK"] == "1":  # joins the process group, then never answers
     dist.init_process_group("gloo")
     time.sleep(8)

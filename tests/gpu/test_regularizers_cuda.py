@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from keeltune.config import config_from_dict
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.ddp import DDPBackend
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.training.regularizers import token_kl
 from tests.conftest import base_config, keeltune, read_metrics, write_config
 

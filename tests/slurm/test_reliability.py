@@ -132,7 +132,7 @@ def test_a_partition_without_gpus_whose_node_names_do_not_resolve_runs_two_nodes
 
 
 def test_no_address_for_the_first_node_is_an_error_naming_it(slurm_cluster: LocalSlurm) -> None:
-    from keeltune.sharding.parallel import master_address
+    from keeltune.distributed import master_address
 
     assert master_address("nodns1") == "127.0.0.1"  # NodeAddr, from Slurm
     assert master_address("n1") == "n1"  # a name that resolves is used as it is

@@ -13,13 +13,14 @@ PACKAGE = REPO / "keeltune"
 # what each part may import from keeltune (besides itself)
 ALLOWED = {
     "config": set(),
+    "distributed": {"config"},
     "data_pipeline": {"config"},
-    "sharding": {"config"},
-    "eval": {"config", "data_pipeline"},
-    "training": {"config", "sharding", "data_pipeline", "eval"},
-    "launcher": {"config", "training", "sharding", "data_pipeline", "eval"},
+    "sharding": {"config", "distributed"},
+    "eval": {"config", "distributed", "data_pipeline"},
+    "training": {"config", "distributed", "sharding", "data_pipeline", "eval"},
+    "launcher": {"config", "distributed", "training", "sharding", "data_pipeline", "eval"},
     "demo": {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
-    "cli": {"config", "launcher", "training", "sharding", "data_pipeline", "eval", "demo"},
+    "cli": {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo"},
 }
 
 

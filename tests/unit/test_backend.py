@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from keeltune.config import config_from_dict
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.backends import build_backend
-from keeltune.sharding.parallel import ParallelEnv
 from tests.conftest import base_config
 
 

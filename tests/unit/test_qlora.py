@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from keeltune.config import Config, config_from_dict
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.qlora import QLoraBackend, export_qlora_checkpoint, lora_config, write_merged
 from tests.conftest import base_config
 

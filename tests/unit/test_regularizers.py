@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import keeltune.training.regularizers as regularizers
 from keeltune.config import config_from_dict
+from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.ddp import DDPBackend
-from keeltune.sharding.parallel import ParallelEnv
 from keeltune.sharding.penalties import ewc_penalty, l2sp_penalty
 from keeltune.training.regularizers import FISHER_FILE, token_kl
 from keeltune.training.trainer import Trainer

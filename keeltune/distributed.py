@@ -1,4 +1,7 @@
-"""Who am I among the ranks: one object owns rank, world size, device and the process group."""
+"""Ranks: who this process is among them (``ParallelEnv``, the only owner of the process group), how ranks are
+started on this machine, how a rank ends, and the one mapping from Slurm's variables to torch's.
+
+Torch, never DeepSpeed: the launcher, the loop, the backends and evaluation all read this module."""
 
 from __future__ import annotations
 
@@ -113,8 +116,29 @@ class ParallelEnv:
         dist.gather_object(value, out, dst=0)
         return out or []
 
+    def ensure_process_group(self) -> None:
+        """A process group even for one rank (DeepSpeed needs one): the launcher's rendezvous when there is one,
+        else a private one on a free local port. ``close`` destroys it like any other."""
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads them even for one process
+        if dist.is_initialized():
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if os.environ.get("MASTER_ADDR") and os.environ.get(
+            "MASTER_PORT"
+        ):  # a launcher's rendezvous (torchrun's
+            dist.init_process_group(
+                backend
+            )  # agent store, or the Slurm job's): a private port would never meet
+            return
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        """Destroy the process group, whoever asked for it (a run of several ranks, or a backend's one rank)."""
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
