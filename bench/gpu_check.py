@@ -164,7 +164,7 @@ def packed_samples(work: Path, shape: Shape) -> Any:
     """keeltune's prepared packed dataset (the same samples the keeltune parts train on)."""
     from keeltune.distributed import ParallelEnv
     from keeltune.sharding.model import load_tokenizer
-    from keeltune.training.trainer import build_datasets
+    from keeltune.training.build import build_datasets
 
     config = keeltune_config(work, shape, "ddp")
     tokenizer = load_tokenizer(config.model.tokenizer_path)
@@ -337,7 +337,7 @@ def _keeltune(work: Path, shape: Shape, backend: str) -> dict[str, Any]:
     """keeltune's Trainer, one ``train_one_step`` at a time (what ``fit`` runs, without eval/checkpoints)."""
     from keeltune.distributed import ParallelEnv
     from keeltune.launcher.run_dir import prepare_run_dir
-    from keeltune.training.run_files import METRICS_FILE
+    from keeltune.run_folder import METRICS_FILE
     from keeltune.training.trainer import Trainer
 
     config = keeltune_config(work, shape, backend)

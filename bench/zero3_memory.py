@@ -59,7 +59,7 @@ def rank_main(run_dir: Path) -> None:
     from keeltune.config import load_config
     from keeltune.distributed import ParallelEnv
     from keeltune.launcher.entry import setup_logging
-    from keeltune.training.run_files import CONFIG_FILE
+    from keeltune.run_folder import CONFIG_FILE
     from keeltune.training.trainer import Trainer
 
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 
 keeltune: the loop as users run it (packed-data reader, loss over the global batch's target tokens, metrics.jsonl
 every step, progress; W&B disabled). Bare: the same model files loaded with ``from_pretrained`` and handed to
-``deepspeed.initialize`` with the same DeepSpeed config dict (``keeltune.sharding.plan.deepspeed_config``), a torch
+``deepspeed.initialize`` with the same DeepSpeed config dict (``keeltune.config.plan.deepspeed_config``), a torch
 AdamW client optimizer, the same batch shape and micro-batches, random token ids made once, mean cross-entropy,
 ``engine.backward`` / ``engine.step`` per micro-batch. Repeats are interleaved (keeltune, bare, keeltune, ...)
 and the medians of rank 0 compared. Prints ``ratio = keeltune / bare``; goal <= 1.05.
@@ -44,7 +44,7 @@ class BareLoop:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from keeltune.sharding.plan import deepspeed_config, model_hidden_size
+        from keeltune.config.plan import deepspeed_config, model_hidden_size
 
         ds_config = deepspeed_config(
             config, world_size, bf16=False, hidden_size=model_hidden_size(config.model.path)
@@ -89,7 +89,7 @@ def rank_main(run_dir: Path, repeats: int, steps: int) -> None:
     from keeltune.config import load_config
     from keeltune.distributed import ParallelEnv
     from keeltune.launcher.entry import setup_logging
-    from keeltune.training.run_files import CONFIG_FILE
+    from keeltune.run_folder import CONFIG_FILE
     from keeltune.training.trainer import Trainer
 
     torch.set_num_threads(1)

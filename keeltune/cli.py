@@ -50,6 +50,8 @@ def _load_with_resources(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from keeltune.config import BACKENDS, DEFAULT_BACKEND
+
     parser = argparse.ArgumentParser(prog="keeltune", description="Fine-tune LLMs without forgetting.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -141,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
         "--backend",
-        choices=("ddp", "zero3", "qlora"),
-        default="ddp",
-        help="how the fine-tune runs: ddp (default), zero3 (DeepSpeed ZeRO-3) or qlora (4-bit base + LoRA)",
+        choices=tuple(BACKENDS),
+        default=DEFAULT_BACKEND,
+        help="how the fine-tune runs: "
+        + "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
+        + f" (default {DEFAULT_BACKEND})",
     )
     demo.add_argument(
         "--root", type=Path, default=Path("runs"), help="where the demo's runs go (default: runs)"
@@ -160,38 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from keeltune.config import check_world_size, load_config
+    from keeltune.config import backend_spec, check_world_size, load_config
 
     config = load_config(args.config, args.overrides)
     accumulation = check_world_size(config, args.nproc)
     print(config.to_yaml(), end="")
     print(f"# {args.nproc} rank(s): gradient accumulation {accumulation}")
-    if config.sharding.backend == "zero3":
-        _print_deepspeed_config(config, args.nproc)
+    describe = backend_spec(config).describe
+    for line in describe(config, args.nproc) if describe else []:
+        print(line)
     return 0
-
-
-def _print_deepspeed_config(config, nproc: int) -> None:
-    """The DeepSpeed JSON keeltune generates, as comments (the output stays valid YAML)."""
-    import json
-
-    from keeltune.config import ConfigError
-    from keeltune.sharding.plan import deepspeed_config, model_hidden_size
-
-    try:
-        hidden = model_hidden_size(config.model.path)
-    except ConfigError as err:
-        print(f"# DeepSpeed config: not shown, its sizes come from the model's config.json ({err})")
-        return
-    bf16 = config.training.precision in ("bf16", "auto")
-    generated = deepspeed_config(config, nproc, bf16=bf16, hidden_size=hidden)
-    note = (
-        " (precision auto: bf16 on GPUs with bf16, fp32 elsewhere)"
-        if config.training.precision == "auto"
-        else ""
-    )
-    print(f"# DeepSpeed config generated for {nproc} rank(s){note}:")
-    print("\n".join(f"#   {line}" for line in json.dumps(generated, indent=2).splitlines()))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -255,10 +237,11 @@ def _ranks_text(config: Config) -> str:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from keeltune.config.plan import estimate_gpu_memory
     from keeltune.data_pipeline.prepare import check_prepared_for_launch
     from keeltune.launcher import submit
     from keeltune.launcher.run_dir import prepare_run_dir
-    from keeltune.sharding.plan import estimate_gpu_memory
+    from keeltune.run_folder import RANK_LOG, WANDB_DIR, logs_dir
 
     config = _load_with_resources(args)
     ranks = config.slurm.world_size
@@ -287,7 +270,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         f"submitted job {record.job_id} ({record.cluster}, {config.slurm.nodes} node(s) x {_ranks_text(config)}), {where}"
     )
     print(f"run folder   {run_dir}")
-    print(f"logs         {run_dir / 'logs'}/rank<R>.log  (keeltune logs {run_dir} --rank R --follow)")
+    rank_logs = logs_dir(run_dir) / RANK_LOG.format(rank="<R>")
+    print(f"logs         {rank_logs}  (keeltune logs {run_dir} --rank R --follow)")
     print(f"job output   {record.folder}/")
     wandb = config.logging.wandb
     if wandb.mode == "disabled":
@@ -296,7 +280,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         entity = wandb.entity or "<your entity>"
         print(
             f"W&B          run {run_id} in project {wandb.project} (mode {wandb.mode}): online "
-            f"https://wandb.ai/{entity}/{wandb.project}/runs/{run_id}, offline {run_dir / 'wandb'}"
+            f"https://wandb.ai/{entity}/{wandb.project}/runs/{run_id}, offline {run_dir / WANDB_DIR}"
         )
     if not args.wait:
         return 0
@@ -314,8 +298,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from keeltune.config import ConfigError, load_config
     from keeltune.launcher import submit
+    from keeltune.run_folder import CONFIG_FILE, latest_checkpoint
     from keeltune.training.manifest import damaged_checkpoints
-    from keeltune.training.run_files import CONFIG_FILE, latest_checkpoint
 
     config_file = args.run / CONFIG_FILE
     if not config_file.is_file():
@@ -428,11 +412,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from keeltune.config import ConfigError, load_config
+    from keeltune.config import ConfigError, backend_spec, load_config
+    from keeltune.run_folder import CONFIG_FILE, follow_umask
     from keeltune.sharding.backends import export_checkpoint
     from keeltune.sharding.model import load_tokenizer
     from keeltune.training.manifest import checkpoint_to_read
-    from keeltune.training.run_files import CONFIG_FILE, follow_umask
 
     config_file = args.run / CONFIG_FILE
     if not config_file.is_file():
@@ -446,8 +430,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     step = int(checkpoint.name.removeprefix("step_"))
-    if args.interpolate is not None and config.sharding.backend == "qlora" and not args.merge:
-        raise ConfigError("--interpolate: a QLoRA run's full weights exist only merged; add --merge")
+    if args.interpolate is not None and backend_spec(config).adapters and not args.merge:
+        raise ConfigError(
+            f"--interpolate: a {config.sharding.backend} run's full weights exist only merged; add --merge"
+        )
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     for folder in export_checkpoint(config, checkpoint, args.out, merge=args.merge):
         tokenizer.save_pretrained(folder)
@@ -469,6 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from keeltune.config import ConfigError
+    from keeltune.eval.names import FORGETTING, LOSS, PPL, metric
     from keeltune.training.run_eval import evaluate_target, resolve_target
 
     target = resolve_target(args.target, step=args.checkpoint, config_file=args.config)
@@ -482,11 +469,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for column in ("set", "loss", "perplexity", "forgetting vs baseline"):
         table.add_column(column, justify="left" if column == "set" else "right")
     for name in dict.fromkeys(key.rsplit("/", 1)[0] for key in results):
-        forgetting = results.get(f"{name}/forgetting_pct")
+        forgetting = results.get(metric(name, FORGETTING))
         table.add_row(
             name,
-            f"{results[f'{name}/loss']:.4f}",
-            f"{results[f'{name}/ppl']:.3f}",
+            f"{results[metric(name, LOSS)]:.4f}",
+            f"{results[metric(name, PPL)]:.3f}",
             "" if forgetting is None else f"{forgetting:+.2f}%",
         )
     Console().print(table)

@@ -20,19 +20,134 @@ os.environ.pop("WANDB_API_KEY", None)
 os.environ.pop("WANDB_MODE", None)
 
 REPO = Path(__file__).resolve().parents[1]
-_SKIPPED_REAL: list[str] = []
+
+# ----------------------------------------------------------------------------------------------- run policy
+FULL_RUN_ENV = "KEELTUNE_FULL_RUN"  # scripts/test.sh sets it to 1 when called without arguments (CI's run)
+CLUSTER_FIXTURES = frozenset({"slurm_cluster"})  # a test that uses one of these needs the real local cluster
+CLUSTER_TEST_DIR = REPO / "tests" / "slurm"  # and so does every test in here
+# command-line options that pick a subset of the tests: a run given one of them (or test paths) by hand is not
+# a full run, unless FULL_RUN_ENV says it is
+_SELECTING_OPTIONS = (
+    "-k", "-m", "--deselect", "--lf", "--last-failed", "--sw", "--stepwise", "--ignore", "--ignore-glob",
+)  # fmt: skip
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Only GPU tests may skip: a skipped test of a real component fails the run."""
-    if report.skipped and "gpu" not in report.keywords:
-        _SKIPPED_REAL.append(report.nodeid)
+class RunPolicy:
+    """What the test command must not pass silently (registered by ``pytest_configure`` below).
+
+    * A test that uses the local Slurm cluster (a fixture in ``CLUSTER_FIXTURES``, directly or through another
+      fixture, or any test in tests/slurm/) without the ``slurm`` marker stops the run before any test runs.
+    * Only tests marked ``gpu`` may skip (or xfail), in any run; a skip at collection time (a module skipped
+      whole) always counts as a non-GPU skip.
+    * In a full run (``KEELTUNE_FULL_RUN=1``, or pytest given no test paths and no selecting option on its
+      command line) deselecting any test not marked ``gpu`` fails the run too, whichever way it was deselected
+      (``-m``/``-k``/``--deselect`` from the command line, ``PYTEST_ADDOPTS`` or the ini's ``addopts``), and
+      so does narrowing it with test paths or ``--ignore`` when ``KEELTUNE_FULL_RUN=1``.
+
+    A run that breaks a rule ends with exit status 1 (unless it already failed otherwise) and a summary
+    section naming each test and why."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.full_run = full_run(config)
+        self.skipped: list[str] = []
+        self.deselected: list[str] = []
+        self.narrowed: list[str] = []
+
+    @pytest.hookimpl(tryfirst=True)  # before -m/-k deselect: every collected test is checked
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        unmarked = [
+            item.nodeid
+            for item in items
+            if (
+                CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.path.is_relative_to(CLUSTER_TEST_DIR)
+            )
+            and item.get_closest_marker("slurm") is None
+        ]
+        if unmarked:
+            raise pytest.UsageError(
+                f"{len(unmarked)} test(s) use the local Slurm cluster ({', '.join(sorted(CLUSTER_FIXTURES))}, "
+                f"or in {CLUSTER_TEST_DIR.relative_to(REPO)}/) "
+                "without the `slurm` marker; add `pytestmark = pytest.mark.slurm` to the module (or "
+                "@pytest.mark.slurm):\n  " + "\n  ".join(unmarked)
+            )
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += [item.nodeid for item in items if item.get_closest_marker("gpu") is None]
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.skipped:
+            self.skipped.append(f"{report.nodeid or '.'} (skipped at collection: {_skip_reason(report)})")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):
+        report = yield
+        if report.skipped and item.get_closest_marker("gpu") is None:
+            self.skipped.append(f"{report.nodeid} ({_skip_reason(report)})")
+        return report
+
+    def violations(self) -> list[str]:
+        found = [f"skipped, not a gpu test: {entry}" for entry in self.skipped]
+        if self.full_run:
+            found += self.narrowed
+            found += [f"deselected in a full run, not a gpu test: {nodeid}" for nodeid in self.deselected]
+        return found
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self.full_run and os.environ.get(FULL_RUN_ENV) == "1":
+            if self.config.args_source == pytest.Config.ArgsSource.ARGS:
+                self.narrowed.append(f"a full run given test paths (PYTEST_ADDOPTS?): {self.config.args}")
+            for option in ("ignore", "ignore_glob"):
+                if self.config.getoption(option, None):
+                    self.narrowed.append(f"a full run given --{option.replace('_', '-')}: "
+                                         f"{self.config.getoption(option)}")  # fmt: skip
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.violations() and session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        found = self.violations()
+        if not found:
+            return
+        kind = f"full run ({FULL_RUN_ENV}=1 or no test paths/-k/-m)" if self.full_run else "subset run"
+        terminalreporter.write_sep("=", f"run policy: {len(found)} violation(s), the run fails", red=True)
+        terminalreporter.write_line(f"{kind}; only tests marked `gpu` may be skipped or deselected:")
+        if self.deselected and self.full_run:
+            option = self.config.option
+            terminalreporter.write_line(
+                f"deselected by: -m {option.markexpr!r}, -k {option.keyword!r}, "
+                f"--deselect {self.config.getoption('deselect', None)!r}, --lf {self.config.getoption('lf', False)!r}"
+                " (from the command line, PYTEST_ADDOPTS or the ini's addopts)"
+            )
+        for line in found:
+            terminalreporter.write_line(f"  {line}", red=True)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _SKIPPED_REAL:
-        print(f"\nERROR: {len(_SKIPPED_REAL)} non-GPU test(s) skipped (not allowed): {_SKIPPED_REAL}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+def full_run(config: pytest.Config) -> bool:
+    """Whether this run means to run the whole suite (see RunPolicy)."""
+    if os.environ.get(FULL_RUN_ENV) == "1":
+        return True
+    if config.args_source == pytest.Config.ArgsSource.ARGS:  # test paths given: a subset
+        return False
+    return not any(
+        arg.split("=", 1)[0] in _SELECTING_OPTIONS or (arg[:2] in ("-k", "-m") and not arg.startswith("--"))
+        for arg in map(str, config.invocation_params.args)
+    )
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    if getattr(report, "wasxfail", None) is not None:
+        return f"xfail: {report.wasxfail or 'no reason given'}"
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr).strip().splitlines()[-1] if longrepr else "no reason given"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(RunPolicy(config), "keeltune-run-policy")
 
 
 def _general_texts() -> list[str]:

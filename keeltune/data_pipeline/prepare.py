@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from keeltune.atomic import atomic_path, fsync_folder, write_json_atomically
 from keeltune.config import DataConfig, FieldNames, SourceConfig
 from keeltune.data_pipeline.formats import Document, encode_record
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
@@ -147,7 +148,7 @@ def _record_new_places(folder: Path, index: dict[str, Any], now: dict[str, Any])
     ]
     updated = {**index, "recipe": {**now, "files": files}}
     with contextlib.suppress(OSError):
-        _write_atomically(folder / INDEX_FILE, json.dumps(updated, indent=1))
+        write_json_atomically(folder / INDEX_FILE, updated, indent=1)
 
 
 # --------------------------------------------------------------------------- tokenizing (in worker processes)
@@ -260,34 +261,18 @@ class ShardWriter:
 
     def _write(self, tokens: np.ndarray, mask: np.ndarray) -> None:
         name = self.writing = shard_name(len(self.shards))
-        final, tmp = self.folder / name, self.folder / f".{name}.tmp"
         digest = hashlib.sha256()
-        try:
-            with open(tmp, "wb") as handle:
-                for array in (tokens, mask):
-                    data = memoryview(array).cast("B")
-                    digest.update(data)
-                    handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
+            for array in (tokens, mask):
+                data = memoryview(array).cast("B")
+                digest.update(data)
+                handle.write(data)
         self.target_tokens += int(mask[:, 1:].sum())
         self.targetless_samples += int((mask[:, 1:].sum(axis=1) == 0).sum())
         self.shards.append(
             {"file": name, "samples": int(tokens.shape[0]), "bytes": tokens.nbytes + mask.nbytes,
              "sha256": digest.hexdigest()}
         )  # fmt: skip
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def shorten_prompt(document: Document, seq_len: int, bos_id: int | None) -> Document | None:
@@ -424,12 +409,11 @@ def prepare_source(
         }
         _warn_targetless(source, index)
         writer.writing = INDEX_FILE
-        _write_atomically(tmp / INDEX_FILE, json.dumps(index, indent=1))
-        _fsync_dir(tmp)
+        write_json_atomically(tmp / INDEX_FILE, index, indent=1)  # last: its rename syncs the folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_folder(out_dir.parent)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(
@@ -473,15 +457,6 @@ def _raw(payload: Any) -> str:
     if isinstance(payload, bytes):
         return payload.decode("utf-8", errors="backslashreplace").rstrip("\n")
     return repr(payload)[:2000]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- is it prepared, and current?

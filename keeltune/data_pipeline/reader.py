@@ -12,14 +12,15 @@ is one integer (samples consumed), so a resume is O(1) and may use another numbe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from keeltune.atomic import write_json_atomically
 from keeltune.data_pipeline.prepare import check_index, file_digest, read_index
 from keeltune.data_pipeline.sources import DataError
 
@@ -110,12 +111,8 @@ def _read_verified(folder: Path) -> dict[str, list[int]]:
 
 
 def _write_verified(folder: Path, verified: dict[str, list[int]]) -> None:
-    tmp = folder / f"{VERIFIED_FILE}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(verified))
-        os.replace(tmp, folder / VERIFIED_FILE)
-    except OSError:  # a read-only shared folder: verify again next time
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only shared folder: verify again next time
+        write_json_atomically(folder / VERIFIED_FILE, verified)
 
 
 class FeistelPermutation:

@@ -20,7 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from keeltune.config import Config, config_from_dict
+from keeltune.atomic import atomic_path
+from keeltune.config import BACKENDS, DEFAULT_BACKEND, Config, config_from_dict
 from keeltune.demo import corpora
 from keeltune.demo.recipe import DEFAULT, SMOKE, Recipe, Schedule, llama_config
 from keeltune.demo.tokenizer import train_tokenizer
@@ -81,7 +82,7 @@ def phase_config(
     recipe: Recipe,
     train: dict[str, str],
     files: DemoFiles,
-    backend: str = "ddp",
+    backend: str = DEFAULT_BACKEND,
     *,
     overrides: dict[str, Any] | None = None,
     retention_test: bool = False,
@@ -102,7 +103,7 @@ def phase_config(
             "max_steps": schedule.steps,
             "global_batch_size": schedule.batch_size,
             "micro_batch_size": schedule.micro_batch_size,
-            "lr": schedule.lr * (recipe.lora_lr_scale if backend == "qlora" else 1.0),
+            "lr": schedule.lr * (recipe.lora_lr_scale if BACKENDS[backend].adapters else 1.0),
             "warmup_steps": schedule.warmup_steps,
             "min_lr_ratio": schedule.min_lr_ratio,
             "grad_clip": schedule.grad_clip,
@@ -184,12 +185,10 @@ def ensure_base(
         "pretrain_run": str(summary.run_dir),
         "recipe_key": key,
     }
-    tmp = cache / f".demo-base-{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(summary.final_model, tmp)
-    (tmp / BASE_INFO).write_text(json.dumps(info, indent=1))
     cache.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, base)
+    with atomic_path(base) as tmp:  # the cached base appears whole (with its BASE_INFO) or not at all
+        shutil.copytree(summary.final_model, tmp)
+        (tmp / BASE_INFO).write_text(json.dumps(info, indent=1))
     shutil.rmtree(init, ignore_errors=True)
     return base, {**info, "cached": False}
 
@@ -237,7 +236,7 @@ def run_demo(
     root: Path,
     smoke: bool = False,
     cache: Path | None = None,
-    backend: str = "ddp",
+    backend: str = DEFAULT_BACKEND,
     mitigation: bool = True,
 ) -> dict[str, Any]:
     """Run the whole demo and print its summary; returns the numbers shown. ``backend`` is the fine-tune's
@@ -263,7 +262,7 @@ def run_demo(
     console.print(
         f"[bold]2/2 fine-tuning[/] ({backend}) on standard-library Q&A, evaluating retention on held-out docs"
     )
-    name = f"{label}-finetune" + ("" if backend == "ddp" else f"-{backend}")
+    name = f"{label}-finetune" + ("" if backend == DEFAULT_BACKEND else f"-{backend}")
     summary = finetune(name)
     plot = plot_curves(summary.run_dir, summary.run_dir / "curves.png")
     result: dict[str, Any] = {

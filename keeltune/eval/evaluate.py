@@ -1,5 +1,5 @@
 """Exact held-out loss and perplexity, split over ranks in whole micro-batches: the same numbers on any number of
-ranks."""
+ranks. One function serves the trainer and ``keeltune eval``: it is handed a way to get logits, never a backend."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from keeltune.data_pipeline.reader import PackedDataset
+from keeltune.distributed import ParallelEnv
+from keeltune.eval.names import FORGETTING, LOSS, PPL, metric, retention_metrics, retention_set
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,11 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
 @torch.no_grad()
 def evaluate(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    logits_fn: LogitsFn,
     dataset: PackedDataset,
+    parallel: ParallelEnv,
     *,
-    rank: int,
-    world_size: int,
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
     micro_batch_size: int,
-    device: torch.device,
     max_samples: int | None = None,
 ) -> EvalResult:
     """Evaluate this rank's part of ``dataset``; every rank returns the same global result, and the same
@@ -52,6 +53,7 @@ def evaluate(
 
     Every rank runs the same number of forward passes (a rank with fewer batches repeats one and ignores it):
     sharded backends gather parameters inside forward, so ranks must stay in step."""
+    rank, world_size, device = parallel.rank, parallel.world_size, parallel.device
     total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     batches = -(-total // micro_batch_size)
     sums = torch.zeros(2, max(batches, 1), dtype=torch.float64, device=device)  # NLL, target tokens
@@ -66,15 +68,35 @@ def evaluate(
         if counted:
             sums[0, index] = token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
             sums[1, index] = mask_t.sum().double()
-    all_reduce_sum(sums)
+    parallel.all_reduce_sum(sums)
     nll, tokens = (float(value) for value in sums.sum(dim=1).tolist())
     return EvalResult(loss=nll / max(tokens, 1.0), tokens=int(tokens))
 
 
+def evaluate_sets(
+    logits_fn: LogitsFn,
+    sets: dict[str, PackedDataset],
+    parallel: ParallelEnv,
+    *,
+    micro_batch_size: int,
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """``<set>/loss`` and ``<set>/ppl`` of every held-out set (``val``, ``retention/<name>``)."""
+    results: dict[str, float] = {}
+    for name, dataset in sets.items():
+        result = evaluate(
+            logits_fn, dataset, parallel, micro_batch_size=micro_batch_size, max_samples=max_samples
+        )
+        results[metric(name, LOSS)] = result.loss
+        results[metric(name, PPL)] = result.ppl
+    return results
+
+
 def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
     """``retention/<set>/forgetting_pct``: the relative rise of each retention perplexity over the baseline."""
+    before = retention_metrics(baseline, PPL)
     return {
-        key.replace("/ppl", "/forgetting_pct"): 100.0 * (value / baseline[key] - 1.0)
-        for key, value in results.items()
-        if key.startswith("retention/") and key.endswith("/ppl") and key in baseline
+        metric(retention_set(name), FORGETTING): 100.0 * (value / before[name] - 1.0)
+        for name, value in retention_metrics(results, PPL).items()
+        if name in before
     }

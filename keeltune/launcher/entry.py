@@ -15,8 +15,8 @@ from pathlib import Path
 from keeltune.config import Config, ConfigError
 from keeltune.data_pipeline.sources import DataError
 from keeltune.launcher.rank_records import Heartbeat, heartbeat_interval, silence_note
+from keeltune.run_folder import CONFIG_FILE, RANK_LOG, logs_dir
 from keeltune.training.manifest import CheckpointError
-from keeltune.training.run_files import CONFIG_FILE
 from keeltune.training.stop import StopRequest
 
 STOPPED_EXIT = 3  # every rank stopped cleanly by a signal, after checkpointing (resumable)
@@ -35,8 +35,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(formatter)
     logger.addHandler(console)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    logs_dir(run_dir).mkdir(exist_ok=True)
+    file_handler = logging.FileHandler(logs_dir(run_dir) / RANK_LOG.format(rank=rank))
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
 
@@ -132,7 +132,7 @@ def register_slurm_job(run_dir: Path, config: Config, rank: int) -> None:
             submitted=float(os.environ.get("SLURM_JOB_START_TIME") or round(time.time() - 60)),
             nodes=config.slurm.nodes,
             tasks_per_node=config.slurm.ranks_per_node,
-            folder=str(run_dir / "logs"),
+            folder=str(logs_dir(run_dir)),
             launcher="sbatch",
         ),
     )

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RECORD = "rank{rank}.json"
+from keeltune.atomic import write_json_atomically
+from keeltune.run_folder import RANK_RECORD, logs_dir
+
 ENDINGS = ("finished", "stopped", "failed")
 
 
@@ -28,13 +30,13 @@ def heartbeat_interval(collective_timeout_s: float) -> float:
 
 
 def record_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / "logs" / RECORD.format(rank=rank)
+    return logs_dir(run_dir) / RANK_RECORD.format(rank=rank)
 
 
 def read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Every rank's record, by rank (unreadable ones skipped: they are being replaced)."""
     found = {}
-    for path in (run_dir / "logs").glob(RECORD.format(rank="*")):
+    for path in logs_dir(run_dir).glob(RANK_RECORD.format(rank="*")):
         try:
             record = json.loads(path.read_text())
             found[int(record["rank"])] = record
@@ -91,12 +93,10 @@ class Heartbeat:
                 if now - self.record.get("beat", now) > 3 * self.interval:  # the whole process was frozen
                     self.record["frozen"] = [self.record["beat"], now]
                 self.record["beat"] = now
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(json.dumps(self.record))
-                os.replace(tmp, self.path)
-            except OSError:  # a full or flaky filesystem must not end the rank; the log still says it all
-                tmp.unlink(missing_ok=True)
+            # a full or flaky filesystem must not end the rank; the log still says it all. Only the ending is
+            # fsynced: thousands of ranks beating on one shared filesystem need not sync every beat
+            with contextlib.suppress(OSError):
+                write_json_atomically(self.path, self.record, fsync=bool(update))
 
     def end(self, outcome: str, detail: str = "") -> None:
         """Record how this rank ended (one of ENDINGS) and stop beating."""

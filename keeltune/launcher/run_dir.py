@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import yaml
 
+from keeltune.atomic import write_atomically
 from keeltune.config import RESUME_MUTABLE, Config, ConfigError, resume_differences
+from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, logs_dir
 from keeltune.training.manifest import damaged_checkpoints, newest_intact, no_intact_checkpoint
-from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, METRICS_FILE
 
 
 def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
@@ -40,13 +40,11 @@ def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
                 "a new run with --set run.name=NEW_NAME."
             )
     try:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens its output file there first
+        logs_dir(run_dir).mkdir(parents=True, exist_ok=True)  # Slurm opens its output file there first
         if checkpoint is None:
             for stale in (METRICS_FILE, BASELINE_FILE):
                 (run_dir / stale).unlink(missing_ok=True)
-        tmp = run_dir / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(config.to_yaml())
-        os.replace(tmp, saved)
+        write_atomically(saved, config.to_yaml())
     except PermissionError as err:
         raise ConfigError(
             f"run.root: cannot write the run folder {run_dir} ({err.strerror}); "

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from keeltune.config import Config
+from keeltune.run_folder import SLURM_LOG, logs_dir
 
 
 def _directive(option: str, value: str | int) -> str:
@@ -35,7 +36,7 @@ def render_sbatch(config: Config, run_dir: Path, *, python: str = sys.executable
         _directive("--ntasks-per-node", slurm.ranks_per_node),
         *([_directive("--gpus-per-node", slurm.gpus_per_node)] if slurm.gpus_per_node else []),
         _directive("--time", slurm.time),
-        _directive("--output", run_dir / "logs" / "slurm-%j.out"),
+        _directive("--output", logs_dir(run_dir) / SLURM_LOG.format(job_id="%j")),
         _directive("--signal", f"USR2@{slurm.signal_delay_s}"),
         "#SBATCH --requeue",
     ]

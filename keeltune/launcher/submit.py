@@ -18,11 +18,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from keeltune.atomic import write_atomically, write_json_atomically
 from keeltune.config import Config, ConfigError
 from keeltune.launcher.entry import STOPPED_EXIT
-from keeltune.training.run_files import JOB_FILE, WANDB_ID_FILE
+from keeltune.run_folder import (
+    JOB_FILE,
+    METRICS_FILE,
+    RANK_LOG,
+    SLURM_LOG,
+    SUBMITIT_DIR,
+    WANDB_ID_FILE,
+    logs_dir,
+)
 
-SUBMITIT_DIR = "submitit"
 ENDED_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
      "DEADLINE", "STOPPED"}
@@ -122,7 +130,7 @@ class JobRecord:
         """The job's stderr files, where srun reports dead tasks."""
         folder = Path(self.folder)
         if self.launcher == "sbatch":
-            return sorted(folder.glob(f"slurm-{self.job_id}.out"))
+            return sorted(folder.glob(SLURM_LOG.format(job_id=self.job_id)))
         return sorted(folder.glob("*_log.err"))
 
 
@@ -134,11 +142,9 @@ def read_records(run_dir: Path) -> list[JobRecord]:
 
 
 def add_record(run_dir: Path, record: JobRecord) -> None:
-    """Append a job to the run folder's records (written aside, then renamed)."""
+    """Append a job to the run folder's records (replaced whole: written aside, fsynced, renamed)."""
     records = [*read_records(run_dir), record]
-    tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
-    tmp.replace(run_dir / JOB_FILE)
+    write_json_atomically(run_dir / JOB_FILE, [asdict(r) for r in records], indent=1)
 
 
 def latest_record(run_dir: Path) -> JobRecord:
@@ -152,7 +158,7 @@ def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of this run folder, fixed before the job starts so the launcher can print it."""
     path = run_dir / WANDB_ID_FILE
     if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12])
+        write_atomically(path, uuid.uuid4().hex[:12])  # never an empty id after a crash
     return path.read_text().strip()
 
 
@@ -277,7 +283,7 @@ def job_state(record: JobRecord) -> dict[str, str]:
 
 def progress(run_dir: Path, max_steps: int) -> str:
     """The last logged step and train loss from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     last: dict[str, Any] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -300,7 +306,7 @@ def cancel(record: JobRecord) -> None:
 
 def rank_logs(run_dir: Path, rank: int) -> Path:
     """keeltune's own log of one rank (every line says rank and node)."""
-    return run_dir / "logs" / f"rank{rank}.log"
+    return logs_dir(run_dir) / RANK_LOG.format(rank=rank)
 
 
 def task_output(record: JobRecord, rank: int) -> list[Path]:

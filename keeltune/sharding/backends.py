@@ -1,45 +1,36 @@
-"""The backend named by ``sharding.backend``, and the offline export of its checkpoints."""
+"""The backend named by ``sharding.backend``, built or exported through its module in the backend registry
+(``keeltune.config.backends``), imported only now: a DDP run never imports DeepSpeed or bitsandbytes."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
-from keeltune.config import Config
+from keeltune.config import Config, backend_spec
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import Backend
 
 
-def build_backend(config: Config, parallel: ParallelEnv) -> Backend:
-    """Imported lazily: a DDP run never imports DeepSpeed or bitsandbytes."""
-    name = config.sharding.backend
-    if name == "zero3":
-        from keeltune.sharding.zero3 import Zero3Backend
+def implementation(config: Config) -> ModuleType:
+    """The module of this config's backend: ``build(config, parallel, *, keep_reference)`` and
+    ``export_checkpoint(config, checkpoint, out, *, merge)``."""
+    return importlib.import_module(backend_spec(config).module)
 
-        return Zero3Backend(config, parallel)
-    if name == "qlora":
-        from keeltune.sharding.qlora import QLoraBackend
 
-        return QLoraBackend(config, parallel)
-    from keeltune.sharding.ddp import DDPBackend
-
-    return DDPBackend(config, parallel)
+def build_backend(config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> Backend:
+    """``keep_reference``: keep the pretrained model for ``reference_logits`` (a regularizer asks for it)."""
+    return implementation(config).build(config, parallel, keep_reference=keep_reference)
 
 
 def export_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: bool = False) -> list[Path]:
     """Write a checkpoint of this config's backend as a Hugging Face folder, without a process group.
 
-    Returns the folders written (QLoRA writes the adapter folder, and with ``merge`` a merged model too)."""
-    name = config.sharding.backend
-    if name == "zero3":
-        from keeltune.sharding.zero3 import export_zero3_checkpoint
-
-        return export_zero3_checkpoint(config, checkpoint, out)
-    if name == "qlora":
-        from keeltune.sharding.qlora import export_qlora_checkpoint
-
-        return export_qlora_checkpoint(config, checkpoint, out, merge=merge)
-    if merge:
-        raise ValueError("--merge applies to QLoRA runs (adapters merged into the base); this run is ddp")
-    from keeltune.sharding.ddp import export_ddp_checkpoint
-
-    return export_ddp_checkpoint(config, checkpoint, out)
+    Returns the folders written (an adapter backend writes the adapter folder, and with ``merge`` the merged
+    model too)."""
+    if merge and not backend_spec(config).adapters:
+        raise ValueError(
+            f"--merge applies to backends that train adapters over a frozen base; this run is "
+            f"{config.sharding.backend}"
+        )
+    return implementation(config).export_checkpoint(config, checkpoint, out, merge=merge)

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+
+@dataclass(frozen=True)
+class LocalParameter:
+    """One trainable parameter as this rank holds it: its name, its current fp32 values (the whole tensor on
+    a replica, this rank's flat slice when partitioned), its pretrained values when the backend keeps them
+    anyway (a frozen copy for ``reference_logits``), and how to add to its reduced gradient."""
+
+    name: str
+    value: torch.Tensor
+    add_to_grad: Callable[[torch.Tensor], None]
+    pretrained: torch.Tensor | None = None
 
 
 class Backend(Protocol):
@@ -41,24 +54,20 @@ class Backend(Protocol):
         ...
 
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The pretrained model's logits, without gradients (the KL penalty's target)."""
+        """The pretrained model's logits, without gradients; only when built with ``keep_reference``."""
         ...
 
-    def add_penalties(self) -> dict[str, float]:
-        """Add the weight-space penalties' gradients (L2-SP, EWC) to the reduced gradients, once per optimizer
-        step after the last micro-batch; return each weighted penalty as ``train/<name>``."""
+    def local_parameters(self) -> list[LocalParameter]:
+        """This rank's trainable parameters as regularizers see them (whole on replicas, slices when
+        ``partitioned``); call after the last micro-batch of a step, when gradients are reduced."""
         ...
 
-    def parameter_gradients(
+    def local_gradients(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The gradients of loss_fn(logits) for every trainable parameter, not stored: this rank's own, not
-        reduced (replicas); or, when ``partitioned``, this rank's slice of the gradient reduced over ranks, which
-        needs every rank to pass the same batch."""
-        ...
-
-    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
-        """The diagonal Fisher (names and shapes as ``parameter_gradients``) for the EWC penalty."""
+        """The gradients of loss_fn(logits), named and shaped like ``local_parameters``, not stored: this
+        rank's own, not reduced (replicas); or, when ``partitioned``, this rank's slice of the gradient reduced
+        over ranks, which needs every rank to pass the same batch."""
         ...
 
     def save(self, folder: Path) -> None:

@@ -15,14 +15,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from keeltune.config import Config
 from keeltune.distributed import ParallelEnv
+from keeltune.sharding.base import LocalParameter
 from keeltune.sharding.model import (
+    add_neftune,
     autocast_dtype,
     decay_groups,
     enable_activation_checkpointing,
     load_causal_lm,
     sample_sequences,
 )
-from keeltune.sharding.penalties import WeightAnchor, add_neftune
 
 
 class ReplicaBackend:
@@ -30,6 +31,7 @@ class ReplicaBackend:
     clipping, bf16 autocast where asked. A subclass sets ``self.model`` and calls ``_replicate``."""
 
     model: torch.nn.Module
+    reference: torch.nn.Module | None = None  # a frozen copy of the pretrained model, when one is kept
     partitioned = False  # every rank holds every trainable parameter
 
     def _replicate(self, config: Config, parallel: ParallelEnv) -> None:
@@ -89,40 +91,20 @@ class ReplicaBackend:
         with self._autocast():
             return sample_sequences(self.model, input_ids, **options)
 
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-class DDPBackend(ReplicaBackend):
-    """Full replicas; the default backend, and the one a single process uses."""
+    def local_parameters(self) -> list[LocalParameter]:
+        frozen = dict(self.reference.named_parameters()) if self.reference is not None else {}
+        return [
+            LocalParameter(name, param.detach().float(), _gradient_adder(param), frozen.get(name))
+            for name, param in self._trainable().items()
+        ]
 
-    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
-        self.model = load_causal_lm(config.model.path, dropout=config.regularization.dropout).to(
-            parallel.device
-        )
-        if config.model.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
-        reg = config.regularization
-        self.reference: torch.nn.Module | None = None
-        if reg.kl.weight > 0:  # a frozen copy of the pretrained weights (checkpoints load after this)
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.anchor = WeightAnchor(self.model, reg, base=self.reference)
-        add_neftune(self.model, reg.neftune_alpha)
-        self._replicate(config, parallel)
-
-    @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.reference is None:
-            raise RuntimeError(
-                "reference_logits needs regularization.kl.weight > 0 (no frozen copy was made)"
-            )
-        with self._autocast():
-            return self.reference(input_ids=input_ids, use_cache=False).logits.float()
-
-    def add_penalties(self) -> dict[str, float]:
-        return self.anchor.add_gradients()
-
-    def parameter_gradients(
+    def local_gradients(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self._trainable()
         with self._autocast():
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         grads = torch.autograd.grad(loss_fn(logits.float()), list(params.values()), allow_unused=True)
@@ -131,8 +113,38 @@ class DDPBackend(ReplicaBackend):
             for (n, p), g in zip(params.items(), grads, strict=True)
         }
 
-    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
-        self.anchor.set_fisher(fisher)
+
+def _gradient_adder(param: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:
+    @torch.no_grad()
+    def add(gradient: torch.Tensor) -> None:
+        if param.grad is None:
+            param.grad = gradient.to(param.dtype).clone()
+        else:
+            param.grad.add_(gradient.to(param.grad.dtype))
+
+    return add
+
+
+class DDPBackend(ReplicaBackend):
+    """Full replicas; the default backend, and the one a single process uses."""
+
+    def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
+        self.model = load_causal_lm(config.model.path, dropout=config.regularization.dropout).to(
+            parallel.device
+        )
+        if config.model.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if keep_reference:  # a frozen copy of the pretrained weights (checkpoints load after this)
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        add_neftune(self.model, config.regularization.neftune_alpha)
+        self._replicate(config, parallel)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError("reference_logits needs a backend built with keep_reference=True")
+        with self._autocast():
+            return self.reference(input_ids=input_ids, use_cache=False).logits.float()
 
     def save(self, folder: Path) -> None:
         if self.parallel.is_main:
@@ -155,7 +167,11 @@ class DDPBackend(ReplicaBackend):
             self.model.save_pretrained(folder, safe_serialization=True)
 
 
-def export_ddp_checkpoint(config: Config, checkpoint: Path, out: Path) -> list[Path]:
+def build(config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> DDPBackend:
+    return DDPBackend(config, parallel, keep_reference=keep_reference)
+
+
+def export_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: bool = False) -> list[Path]:
     """A DDP checkpoint already holds the whole model as safetensors: copy it next to the model's config."""
     from transformers import AutoConfig
 

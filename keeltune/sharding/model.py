@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -118,3 +119,18 @@ def sample_sequences(
         pad_token_id=pad_token_id,
         synced_gpus=synced_gpus,
     )
+
+
+def add_neftune(model: torch.nn.Module, alpha: float) -> None:
+    """NEFTune: uniform noise in [-1, 1] * alpha / sqrt(seq_len * hidden) on the input embeddings, while the
+    embedding module is in training mode only (never at eval, never in reference or Fisher passes)."""
+    if alpha <= 0:
+        return
+
+    def noisy(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-1.0, 1.0) * scale
+
+    model.get_input_embeddings().register_forward_hook(noisy)

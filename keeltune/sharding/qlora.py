@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from keeltune.config import Config, QLoraConfig
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.ddp import ReplicaBackend
-from keeltune.sharding.model import load_causal_lm
-from keeltune.sharding.penalties import add_neftune, add_penalty_gradients, lora_change_penalty
+from keeltune.sharding.model import add_neftune, load_causal_lm
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is fine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -31,7 +30,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 MAX_SHARD_BYTES = 2 * 1024**3
-EWC_REFUSED = "EWC is not supported with the qlora backend (gradients never reach the 4-bit weights)"
 
 
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -214,11 +212,11 @@ def write_adapter(model: Any, folder: Path) -> None:
 class QLoraBackend(ReplicaBackend):
     """4-bit frozen base + LoRA on every rank; DDP all-reduces the adapters' gradients."""
 
-    def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+    def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
+        """``keep_reference`` costs nothing here: the reference is the base with the adapters disabled."""
         self.base_path = config.model.path
         self.compute_dtype = compute_dtype(config.sharding.qlora.compute_dtype, parallel.device)
         self.model = build_lora_model(config, parallel.device)
-        self.l2sp_weight = config.regularization.l2sp.weight
         add_neftune(self.model, config.regularization.neftune_alpha)
         self._replicate(config, parallel)
 
@@ -232,21 +230,6 @@ class QLoraBackend(ReplicaBackend):
                 return self.model(input_ids=input_ids, use_cache=False).logits.float()
         finally:
             self.model.train(mode)
-
-    def add_penalties(self) -> dict[str, float]:
-        """L2-SP on the effective weight change of each adapted layer (theta_0 implicit: B starts at zero)."""
-        if self.l2sp_weight <= 0:
-            return {}
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        return add_penalty_gradients({"l2sp": self.l2sp_weight * lora_change_penalty(self.model)}, params)
-
-    def parameter_gradients(
-        self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(EWC_REFUSED)
-
-    def set_fisher(self, fisher: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError(EWC_REFUSED)
 
     def save(self, folder: Path) -> None:
         """Adapter weights and optimizer state only: the base is read again from ``model.path``."""
@@ -270,7 +253,11 @@ class QLoraBackend(ReplicaBackend):
             write_adapter(self.model, folder / ADAPTER_DIR)
 
 
-def export_qlora_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: bool) -> list[Path]:
+def build(config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> QLoraBackend:
+    return QLoraBackend(config, parallel, keep_reference=keep_reference)
+
+
+def export_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: bool = False) -> list[Path]:
     """A checkpoint's adapter as a peft folder in ``out``, and with ``merge`` the merged model in
     ``out / "merged"``; one process, no process group. Returns the folders written."""
     adapter_file = checkpoint / ADAPTER_FILE

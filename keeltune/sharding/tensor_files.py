@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from keeltune.atomic import atomic_path
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -105,8 +107,7 @@ def write_tensor_file(
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for name, dtype, shape in layout:
@@ -116,9 +117,6 @@ def write_tensor_file(
                     f"{name}: made {tensor.dtype} {list(tensor.shape)}, declared {dtype} {shape}"
                 )
             handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def model_tensor_files(folder: Path) -> dict[str, TensorFile]:

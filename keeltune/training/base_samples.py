@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from keeltune.atomic import atomic_path
 from keeltune.config import Config, SourceConfig
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
@@ -105,10 +105,6 @@ def _draw(
 
 def _write(file: Path, texts: list[str]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(file) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, file)
     log.info("wrote %d base-model samples to %s", len(texts), file)

@@ -21,6 +21,13 @@ import numpy as np
 import torch
 
 from keeltune.distributed import ParallelEnv
+from keeltune.run_folder import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    checkpoint_root,
+    complete_checkpoints,
+    follow_umask,
+)
 from keeltune.sharding.base import Backend
 from keeltune.training.manifest import (
     CheckpointError,
@@ -34,13 +41,6 @@ from keeltune.training.manifest import (
     read_manifest,
     verify,
     write_manifest,
-)
-from keeltune.training.run_files import (
-    MANIFEST_FILE,
-    STATE_FILE,
-    checkpoint_root,
-    complete_checkpoints,
-    follow_umask,
 )
 
 log = logging.getLogger("keeltune")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keeltune.training.run_files import MANIFEST_FILE, checkpoint_root, complete_checkpoints
+from keeltune.run_folder import MANIFEST_FILE, checkpoint_root, complete_checkpoints
 
 MANIFEST_VERSION = 1
 DAMAGED_SUFFIX = ".damaged"

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from keeltune.config import WandbConfig
-from keeltune.training.run_files import METRICS_FILE, WANDB_ID_FILE
+from keeltune.run_folder import METRICS_FILE, WANDB_ID_FILE
 
 log = logging.getLogger("keeltune")
 

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from keeltune.config import ConfigError, load_config
-from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE, METRICS_FILE
-
-REPORT_DIR = "report"
-REPORT_FILE = "report.md"
+from keeltune.eval.names import FORGETTING, PPL, VAL_LOSS, metric, retention_metrics, retention_set
+from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -31,9 +29,7 @@ def retention_sets(records: list[dict[str, Any]]) -> list[str]:
     """Names of the retention sets logged, in first-seen order."""
     names: dict[str, None] = {}
     for record in records:
-        for key in record:
-            if key.startswith("retention/") and key.endswith("/ppl"):
-                names[key.split("/")[1]] = None
+        names.update(dict.fromkeys(retention_metrics(record, PPL)))
     return list(names)
 
 
@@ -55,16 +51,16 @@ def plot_curves(
 ) -> Path | None:
     """Task loss (train and validation) and retention perplexity over steps, side by side; None without evals."""
     retention = retention_sets(records)
-    if not any("val/loss" in r for r in records) and not retention:
+    if not any(VAL_LOSS in r for r in records) and not retention:
         return None
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(*series(records, "train/loss"), alpha=0.4, label="train")
-    left.plot(*series(records, "val/loss"), "o-", label="task validation")
+    left.plot(*series(records, VAL_LOSS), "o-", label="task validation")
     left.set(xlabel="step", ylabel="loss", title=task_title)
     left.legend()
     for name in retention:
-        right.plot(*series(records, f"retention/{name}/ppl"), "o-", label=name)
+        right.plot(*series(records, metric(retention_set(name), PPL)), "o-", label=name)
     right.set(xlabel="step", ylabel="perplexity", title=retention_title)
     if retention:
         right.legend()
@@ -82,9 +78,9 @@ def plot_comparison(
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, records in runs.items():
-        left.plot(*series(records, "val/loss"), "o-", label=label)
+        left.plot(*series(records, VAL_LOSS), "o-", label=label)
         for name in retention_sets(records)[:1]:
-            right.plot(*series(records, f"retention/{name}/ppl"), "o-", label=f"{label} ({name})")
+            right.plot(*series(records, metric(retention_set(name), PPL)), "o-", label=f"{label} ({name})")
     left.set(xlabel="step", ylabel="loss", title=task_title)
     right.set(xlabel="step", ylabel="perplexity", title=retention_title)
     left.legend()
@@ -116,16 +112,16 @@ def _plot_one(records: list[dict[str, Any]], key: str, out: Path, ylabel: str, t
 
 def plot_forgetting(records: list[dict[str, Any]], out: Path) -> Path | None:
     """Task validation loss (left axis) against each retention set's forgetting % (right axis)."""
-    names = [n for n in retention_sets(records) if series(records, f"retention/{n}/forgetting_pct")[0]]
+    names = [n for n in retention_sets(records) if series(records, metric(retention_set(n), FORGETTING))[0]]
     if not names:
         return None
     plt = _pyplot()
     figure, task_axis = plt.subplots(figsize=(7, 4))
-    task_axis.plot(*series(records, "val/loss"), "o-", color="C0", label="task validation loss")
+    task_axis.plot(*series(records, VAL_LOSS), "o-", color="C0", label="task validation loss")
     task_axis.set(xlabel="step", ylabel="task validation loss", title="Learning vs forgetting")
     forgetting_axis = task_axis.twinx()
     for index, name in enumerate(names, start=1):
-        steps, values = series(records, f"retention/{name}/forgetting_pct")
+        steps, values = series(records, metric(retention_set(name), FORGETTING))
         forgetting_axis.plot(steps, values, "s--", color=f"C{index}", label=f"forgetting: {name}")
     forgetting_axis.set_ylabel("retention forgetting % (ppl vs step 0)")
     handles = [h for axis in (task_axis, forgetting_axis) for h in axis.get_legend_handles_labels()[0]]
@@ -159,7 +155,7 @@ def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
     speeds = series(records, "train/tokens_per_s")[1]
     if speeds:
         lines.append(f"- throughput: {sum(speeds) / len(speeds):,.0f} tokens/s (mean over logged steps)")
-    eval_steps, task_losses = series(records, "val/loss")
+    eval_steps, task_losses = series(records, VAL_LOSS)
     if task_losses:
         lines.append(
             f"- task validation loss: {task_losses[0]:.4f} (step {eval_steps[0]}) -> "
@@ -170,11 +166,11 @@ def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
     baseline_file = run_dir / BASELINE_FILE
     baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else {}
     for name in retention_sets(records):
-        key = f"retention/{name}/ppl"
+        key = metric(retention_set(name), PPL)
         ppl_steps, ppls = series(records, key)
         before = baseline.get(key, ppls[0])
         line = f"- retention `{name}` perplexity: {before:.3f} -> {ppls[-1]:.3f} (step {ppl_steps[-1]})"
-        forgetting = series(records, f"retention/{name}/forgetting_pct")[1]
+        forgetting = series(records, metric(retention_set(name), FORGETTING))[1]
         if forgetting:
             line += f", forgetting {forgetting[-1]:+.2f}%"
         lines.append(line)

@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from keeltune.config import Config, ConfigError, load_config
+from keeltune.config import Config, ConfigError, backend_spec, load_config
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv, exit_rank, run_local_ranks
-from keeltune.eval.evaluate import evaluate, forgetting
+from keeltune.eval.evaluate import evaluate_sets, forgetting
+from keeltune.eval.names import held_out_names
+from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
 from keeltune.training.manifest import checkpoint_to_read
-from keeltune.training.run_files import BASELINE_FILE, CONFIG_FILE
 
 log = logging.getLogger("keeltune")
 
@@ -81,8 +82,7 @@ def held_out_folders(config: Config, tokenizer: Any) -> dict[str, Path]:
     """The prepared folders of the trainer's held-out sets (``val``, ``retention/<name>``), prepared first when
     they are not (next to, never over, sets prepared with another tokenizer)."""
     prepared = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
-    names = {"data.validation": "val"}
-    names.update({f"data.retention.{i}": f"retention/{r.name}" for i, r in enumerate(config.data.retention)})
+    names = held_out_names(config.data)
     return {names[key]: folder for key, folder, _ in prepared}
 
 
@@ -92,7 +92,7 @@ def model_folder(target: EvalTarget) -> Iterator[Path]:
     if target.checkpoint is None:
         yield target.model_dir
         return
-    merge = target.config.sharding.backend == "qlora"
+    merge = backend_spec(target.config).adapters  # the full model exists only merged
     with tempfile.TemporaryDirectory(prefix="keeltune-eval-") as tmp:
         yield export_checkpoint(target.config, target.checkpoint, Path(tmp), merge=merge)[-1]
 
@@ -139,21 +139,13 @@ def evaluate_folder(
         with torch.autocast(parallel.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(input_ids=input_ids, use_cache=False).logits.float()
 
-    results: dict[str, float] = {}
-    for name, folder in folders.items():
-        result = evaluate(
-            logits,
-            PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify),
-            rank=parallel.rank,
-            world_size=parallel.world_size,
-            all_reduce_sum=parallel.all_reduce_sum,
-            micro_batch_size=config.eval.micro_batch_size,
-            device=parallel.device,
-            max_samples=max_samples,
-        )
-        results[f"{name}/loss"] = result.loss
-        results[f"{name}/ppl"] = result.ppl
-    return results
+    sets = {
+        name: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
+        for name, folder in folders.items()
+    }
+    return evaluate_sets(
+        logits, sets, parallel, micro_batch_size=config.eval.micro_batch_size, max_samples=max_samples
+    )
 
 
 def _evaluate_on_ranks(

@@ -5,39 +5,44 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from keeltune.config import Config, mixing_counts
-from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
-from keeltune.data_pipeline.reader import PackedDataset, TrainStream
+from keeltune.data_pipeline.prepare import tokenizer_fingerprint
+from keeltune.data_pipeline.reader import TrainStream
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
-from keeltune.eval.evaluate import EvalResult, evaluate, forgetting, token_nll
-from keeltune.eval.stopping import BestModel, EarlyStopping, forgetting_breaches
-from keeltune.sharding.backends import build_backend
-from keeltune.sharding.base import Backend
-from keeltune.sharding.model import load_tokenizer
-from keeltune.training.base_samples import draw_base_samples
-from keeltune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
-from keeltune.training.loader import StepLoader
-from keeltune.training.metrics import MetricsLogger, truncate_metrics
-from keeltune.training.progress import StepProgress
-from keeltune.training.regularizers import ewc_fisher, token_kl
-from keeltune.training.run_files import (
+from keeltune.eval.evaluate import evaluate_sets, forgetting, token_nll
+from keeltune.eval.names import VAL_LOSS
+from keeltune.eval.policy import HeldOutPolicy
+from keeltune.run_folder import (
     BASELINE_FILE,
     BEST_FILE,
     BEST_MODEL_DIR,
     BEST_MODEL_FILE,
     FINAL_MODEL_DIR,
     follow_umask,
+)
+from keeltune.sharding.backends import build_backend
+from keeltune.sharding.base import Backend
+from keeltune.sharding.model import load_tokenizer
+from keeltune.training.base_samples import draw_base_samples
+from keeltune.training.build import build_datasets, seed_everything
+from keeltune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+from keeltune.training.loader import StepLoader
+from keeltune.training.metrics import MetricsLogger, truncate_metrics
+from keeltune.training.progress import StepProgress
+from keeltune.training.regularizers import (
+    LossTerm,
+    RegularizerContext,
+    build_regularizers,
+    needs_reference,
 )
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
@@ -61,36 +66,6 @@ class TrainSummary:
     best_model: Path | None = None  # retention_guard action best: the kept model (best/), when one was kept
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_datasets(
-    config: Config, tokenizer: Any, parallel: ParallelEnv
-) -> tuple[list[PackedDataset], dict[str, PackedDataset]]:
-    """Rank 0 prepares sets not prepared yet (and refuses stale ones) and checks shard checksums; every rank
-    then opens the shards. Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
-    data = config.data
-    if parallel.is_main:
-        prepare_sets(data, config.run_dir, tokenizer, refresh=False)
-    parallel.barrier()
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    verify = data.verify_checksums if parallel.is_main else "never"
-    opened = {
-        key: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
-        for key, _, folder in data.prepared_sets(config.run_dir)
-    }
-    parallel.barrier()
-    train = [opened[f"data.train.{i}"] for i in range(len(data.train))]
-    held_out = {"val": opened["data.validation"]} if data.validation else {}
-    held_out.update(
-        {f"retention/{r.name}": opened[f"data.retention.{i}"] for i, r in enumerate(data.retention)}
-    )
-    return train, held_out
-
-
 class Trainer:
     """Builds the pieces from the config, then runs ``fit``."""
 
@@ -101,7 +76,7 @@ class Trainer:
         self.accumulation = config.training.gradient_accumulation(parallel.world_size)
         seed_everything(config.training.seed)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
-        self.backend: Backend = build_backend(config, parallel)
+        self.backend: Backend = build_backend(config, parallel, keep_reference=needs_reference(config))
         draw_base_samples(config, self.backend, self.tokenizer, parallel)  # before the first step and resume
         self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
         self.stream = TrainStream(
@@ -115,12 +90,14 @@ class Trainer:
         self.loader = StepLoader(
             self.stream, micro_batch=config.training.micro_batch_size, workers=config.data.loader_workers
         )
+        context = RegularizerContext(config, self.backend, parallel, self.run_dir, self.eval_sets)
+        self.regularizers = build_regularizers(context)  # before the resume: they take the pretrained weights
         self.step = 0
         self.baseline: dict[str, float] = {}
-        self.early_stopping = EarlyStopping(config.regularization.early_stopping)
-        self.best_model = BestModel(config.regularization.retention_guard)
+        self.policy = HeldOutPolicy(config.regularization)
         self._resume()
-        self._set_up_ewc()
+        for regularizer in self.regularizers:
+            regularizer.start(resumed=self.step > 0)
         self.metrics = MetricsLogger(
             self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
         )
@@ -141,10 +118,7 @@ class Trainer:
             )
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
-        if "early_stopping" in state:
-            self.early_stopping.load_state_dict(state["early_stopping"])
-        if "best_model" in state:
-            self.best_model.load_state_dict(state["best_model"])
+        self.policy.load_state_dict(state)
         baseline_file = self.run_dir / BASELINE_FILE
         if baseline_file.is_file():
             self.baseline = json.loads(baseline_file.read_text())
@@ -157,42 +131,18 @@ class Trainer:
             self.stream.consumed_samples,
         )
 
-    def _set_up_ewc(self) -> None:
-        ewc = self.config.regularization.ewc
-        if ewc.weight <= 0:
-            return
-        chosen = {f"retention/{name}" for name in ewc.sets or [r.name for r in self.config.data.retention]}
-        retention = [d for name, d in self.eval_sets.items() if name in chosen]
-        fisher = ewc_fisher(
-            self.backend,
-            self.run_dir,
-            retention,
-            samples=ewc.samples,
-            batch_size=self.config.training.micro_batch_size,
-            parallel=self.parallel,
-            resumed=self.step > 0,
-        )
-        self.backend.set_fisher(fisher)
-
     # ------------------------------------------------------------------ evaluation
 
     def run_evals(self) -> dict[str, float]:
         """Every held-out set; retention sets also report forgetting against the step-0 baseline."""
         self.backend.train(False)
-        results: dict[str, float] = {}
-        for name, dataset in self.eval_sets.items():
-            result: EvalResult = evaluate(
-                self.backend.logits,
-                dataset,
-                rank=self.parallel.rank,
-                world_size=self.parallel.world_size,
-                all_reduce_sum=self.parallel.all_reduce_sum,
-                micro_batch_size=self.config.eval.micro_batch_size,
-                device=self.parallel.device,
-                max_samples=self.config.eval.max_samples,
-            )
-            results[f"{name}/loss"] = result.loss
-            results[f"{name}/ppl"] = result.ppl
+        results = evaluate_sets(
+            self.backend.logits,
+            self.eval_sets,
+            self.parallel,
+            micro_batch_size=self.config.eval.micro_batch_size,
+            max_samples=self.config.eval.max_samples,
+        )
         self.backend.train(True)
         if not self.baseline and self.step == 0:
             self.baseline = dict(results)
@@ -206,32 +156,17 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def _watch(self, results: dict[str, float]) -> str:
-        """Early stopping and the retention guard on one eval's results: why to stop now, or ""."""
-        if self.early_stopping.update(self.step, results):
-            return self.early_stopping.reason()
-        if (
-            self.early_stopping.enabled
-            and self.early_stopping.best_step == self.step
-            and self.parallel.is_main
-        ):
-            best = {"step": self.step, "val/loss": self.early_stopping.best}
+        """The held-out policy on one eval's results: keep the best model, warn; why to stop now, or ""."""
+        verdict = self.policy.observe(self.step, results, self.baseline)
+        if verdict.best_val_loss and self.parallel.is_main:
+            best = {"step": self.step, VAL_LOSS: self.policy.early_stopping.best}
             (self.run_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
-        guard = self.config.regularization.retention_guard
-        if self.best_model.update(self.step, results, self.baseline):
+        if verdict.keep_best:
             self._keep_best(results)
-        breaches = forgetting_breaches(results, guard.max_forgetting_pct)
-        if not breaches:
-            return ""
-        text = (
-            ", ".join(f"{key} {value:.1f}%" for key, value in breaches.items())
-            + f" above regularization.retention_guard.max_forgetting_pct={guard.max_forgetting_pct:g} "
-            f"at step {self.step}"
-        )
-        if guard.action == "best" and self.best_model.step is not None:
-            text += f"; keeping the best model within it (step {self.best_model.step}) in {BEST_MODEL_DIR}/"
-        log.warning("retention guard: %s", text)
-        self.metrics.alert("keeltune retention guard", text)
-        return f"retention guard: {text}" if guard.action == "stop" else ""
+        if verdict.warning:
+            log.warning("retention guard: %s", verdict.warning)
+            self.metrics.alert("keeltune retention guard", verdict.warning)
+        return verdict.stop
 
     def _keep_best(self, results: dict[str, float]) -> None:
         """Export the model to ``best/`` (written aside, then swapped in) with what made it the best."""
@@ -240,7 +175,7 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
         self.export(staging)
         if self.parallel.is_main:
-            chosen = {"step": self.step, "score": self.best_model.score, **results}
+            chosen = {"step": self.step, "score": self.policy.best_model.score, **results}
             (staging / BEST_MODEL_FILE).write_text(json.dumps(chosen, indent=1))
             old = self.run_dir / f".old-{BEST_MODEL_DIR}"
             if folder.exists():
@@ -249,7 +184,7 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
             log.info(
                 "best model so far (score %.4f at step %d) kept in %s",
-                self.best_model.score,
+                self.policy.best_model.score,
                 self.step,
                 folder,
             )
@@ -274,41 +209,47 @@ class Trainer:
         # over every target token of the global batch, whatever the number of ranks or micro-batches.
         scale = self.parallel.world_size / max(global_targets, 1.0)
         micro = self.config.training.micro_batch_size
-        kl = self.config.regularization.kl
-        sums = torch.zeros(2, dtype=torch.float64, device=self.parallel.device)  # task loss, KL term
+        # the task loss, then each loss-side regularizer's weighted term, summed over micro-batches
+        sums: dict[str, torch.Tensor] = {
+            "loss": torch.zeros((), dtype=torch.float64, device=self.parallel.device)
+        }
         for index in range(self.accumulation):
             rows = slice(index * micro, (index + 1) * micro)
             inputs, targets, weights = ids_t[rows, :-1], ids_t[rows, 1:], mask_t[rows]
-            reference = self.backend.reference_logits(inputs) if kl.weight > 0 else None
+            terms = {  # before the forward: a term may need its own (reference) forward
+                r.name: term for r in self.regularizers if (term := r.loss_term(inputs)) is not None
+            }
 
             def loss_fn(
                 logits: torch.Tensor,
                 targets: torch.Tensor = targets,
                 weights: torch.Tensor = weights,
-                reference: torch.Tensor | None = reference,
+                terms: dict[str, LossTerm] = terms,
             ) -> torch.Tensor:
                 loss = token_nll(logits, targets, weights) * scale
-                sums[0] += loss.detach().double()
-                if reference is not None:
-                    term = kl.weight * token_kl(logits, reference, weights, kl.temperature) * scale
-                    sums[1] += term.detach().double()
-                    loss = loss + term
+                sums["loss"] += loss.detach().double()
+                for name, term in terms.items():
+                    value = term(logits, weights) * scale
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()
+                    loss = loss + value
                 return loss
 
             self.backend.forward_backward(inputs, loss_fn, sync_grads=index == self.accumulation - 1)
-        penalties = self.backend.add_penalties()  # same on every rank: added after the reduction
-        self.parallel.all_reduce_sum(sums)
-        values = {"train/loss": float(sums[0].item()) / self.parallel.world_size}
-        if kl.weight > 0:
-            values["train/kl"] = float(sums[1].item()) / self.parallel.world_size
+        penalties = {  # the same on every rank: added after the reduction
+            f"train/{r.name}": value for r in self.regularizers if (value := r.add_gradients()) is not None
+        }
+        totals = self.parallel.all_reduce_sum(torch.stack(list(sums.values())))
+        values = {
+            f"train/{name}": float(total) / self.parallel.world_size
+            for name, total in zip(sums, totals.tolist(), strict=True)
+        }
         values.update(penalties)
         return values, ids.shape[0] * (ids.shape[1] - 1) * self.parallel.world_size
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "early_stopping": self.early_stopping.state_dict(),
-            "best_model": self.best_model.state_dict(),
+            **self.policy.state_dict(),
             "data": self.stream.state_dict(),
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
         }
@@ -345,8 +286,8 @@ class Trainer:
             self._watch(summary.first_eval)
         elif self.baseline:
             summary.first_eval = dict(self.baseline)
-        if self.early_stopping.exhausted:  # resumed after an early stop: nothing left to train
-            summary.ended_early, summary.steps = self.early_stopping.reason(), self.step
+        if self.policy.exhausted:  # resumed after an early stop: nothing left to train
+            summary.ended_early, summary.steps = self.policy.reason(), self.step
             log.warning("nothing to train, the run ended at step %d: %s", self.step, summary.ended_early)
         self.backend.train(True)
         try:
@@ -376,9 +317,11 @@ class Trainer:
             self.progress.close()
         summary.tokens_per_s = self._tokens_done / self._train_seconds if self._train_seconds else 0.0
         summary.final_model = self.export(self.run_dir / FINAL_MODEL_DIR)
-        if self.best_model.step is not None:
+        if self.policy.best_model.step is not None:
             summary.best_model = self.run_dir / BEST_MODEL_DIR
-            log.info("best model: step %d of %d, in %s", self.best_model.step, self.step, summary.best_model)
+            log.info(
+                "best model: step %d of %d, in %s", self.policy.best_model.step, self.step, summary.best_model
+            )
         return summary
 
     def train_one_step(self) -> None:

@@ -23,9 +23,8 @@ torch.set_num_threads(1)
 parallel = ParallelEnv.from_environment()
 model = load_causal_lm(sys.argv[1]).eval()
 dataset = PackedDataset(Path(sys.argv[2]))
-result = evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, dataset, rank=parallel.rank,
-                  world_size=parallel.world_size, all_reduce_sum=parallel.all_reduce_sum, micro_batch_size=2,
-                  device=parallel.device, max_samples=int(sys.argv[3]))
+result = evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, dataset, parallel, micro_batch_size=2,
+                  max_samples=int(sys.argv[3]))
 if parallel.is_main:
     print("EVAL " + json.dumps({"loss": result.loss, "tokens": result.tokens, "ppl": result.ppl}), flush=True)
 parallel.close()

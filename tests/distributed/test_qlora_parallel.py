@@ -1,10 +1,13 @@
 """QLoRA data parallel over 2 real gloo processes (the CLI, torch's launcher) equals 1 process on the same global
-batch; the ranks read different samples but end with identical adapters; the run exports and merges."""
+batch; the ranks read different samples but end with identical adapters; the run exports and merges; a run
+SIGKILLed after a checkpoint resumes to the uninterrupted run's adapters."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from tests.conftest import REPO, base_config, keeltune, read_metrics, train_losses, write_config
 
 STEPS = 4
+RESUMED = re.compile(r"resumed from (\S+) \(step (\d+), (\d+) samples consumed\)")
 
 
 def _run_config(assets: dict, tmp_path: Path, name: str) -> dict:
@@ -120,8 +124,17 @@ def test_ranks_get_different_gradients_and_keep_identical_adapters(assets: dict,
     synced = [name for name in rank0 if name.startswith("synced_grad.")]
     weights = [name for name in rank0 if name.startswith("weight.")]
     assert local and synced and weights and all("lora_" in name for name in weights)
+    # the gradients are real: LoRA's B starts at zero, so only the first step's A gradients are zero (nothing
+    # flows through A yet); every other gradient, local and synced, is non-zero on both ranks (a backward that
+    # dropped them, as bitsandbytes' inference kernel does silently, would leave them all zero)
+    first_a = {name for name in local + synced if name.split(".")[1] == "0" and ".lora_A." in name}
+    assert first_a and any(".lora_B." in name for name in weights)
+    for name in local + synced:
+        for rank in (rank0, rank1):
+            assert bool(rank[name].any()) == (name not in first_a), name
+    assert all(rank0[name].any() for name in weights if ".lora_B." in name)  # B moved off zero
     # before the all-reduce each rank's gradient comes from its own samples ...
-    assert all(not torch.equal(rank0[name], rank1[name]) for name in local if rank0[name].abs().max() > 0)
+    assert all(not torch.equal(rank0[name], rank1[name]) for name in local if name not in first_a)
     # ... after it, and in the weights the optimizer makes from it, the ranks agree bit for bit
     for name in synced + weights:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -141,3 +154,60 @@ def test_a_deleted_adapter_falls_back_to_the_previous_checkpoint(
     expected, got = train_losses(runs[1]), train_losses(run_dir)
     for step in range(STEPS // 2 + 1, STEPS + 1):
         assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+rename = os.replace
+def rename_then_die(source, target, *args, **kwargs):
+    rename(source, target, *args, **kwargs)
+    if os.path.basename(os.fsdecode(target)) == sys.argv[2]:  # that checkpoint is complete (renamed into place)
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = rename_then_die
+from keeltune.cli import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_sigkill_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(
+    runs: dict[int, Path], assets: dict, tmp_path: Path
+) -> None:
+    """The 1-rank run of the fixture again, SIGKILLed the moment its step-2 checkpoint is complete (one rank
+    trains in the CLI's own process), then resumed: the steps after the resume and the final adapters equal the
+    uninterrupted run's (the same rank count, the same reduction order: to the bit)."""
+    cfg = write_config(tmp_path / "cfg.yaml", _run_config(assets, tmp_path, "killed"))
+    run_dir = tmp_path / "runs" / "killed"
+    kill_at = f"step_{STEPS // 2:07d}"
+    died = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(cfg), kill_at],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    # killed between the checkpoint and the next step: nothing after step 2 exists yet
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [kill_at]
+    assert sorted(train_losses(run_dir)) == list(range(1, STEPS // 2 + 1))
+    assert not (run_dir / "final").exists()
+
+    resumed = keeltune("train", str(cfg))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    found = RESUMED.findall(log)
+    assert len(found) == 1, log[-3000:]
+    assert Path(found[0][0]).name == kill_at and int(found[0][1]) == STEPS // 2, found
+    expected, got = train_losses(runs[1]), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(STEPS // 2 + 1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    assert abs(_evals(run_dir)["val/loss"] - _evals(runs[1])["val/loss"]) <= 1e-6
+    for weights in ("adapter/adapter_model.safetensors", "model.safetensors"):  # the adapters, and merged
+        reference, resumed_weights = (
+            load_file(runs[1] / "final" / weights),
+            load_file(run_dir / "final" / weights),
+        )
+        assert reference.keys() == resumed_weights.keys()
+        for name in reference:
+            assert torch.equal(resumed_weights[name], reference[name]), (weights, name)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keeltune.training.regularizers import FISHER_FILE
+from keeltune.training.regularizers.ewc import FISHER_FILE
 from tests.conftest import base_config, keeltune, read_metrics, write_config
 
 PENALTIES = {

@@ -115,6 +115,7 @@ def _val_loss_with_transformers(run_dir: Path, model_dir: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from keeltune.data_pipeline.reader import PackedDataset
+    from keeltune.distributed import ParallelEnv
     from keeltune.eval.evaluate import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
@@ -122,11 +123,8 @@ def _val_loss_with_transformers(run_dir: Path, model_dir: Path) -> float:
     result = evaluate(
         lambda ids: model(input_ids=ids, use_cache=False).logits,
         PackedDataset(val),
-        rank=0,
-        world_size=1,
-        all_reduce_sum=lambda t: t,
+        ParallelEnv(),
         micro_batch_size=4,
-        device=torch.device("cpu"),
     )
     return result.loss
 
@@ -361,7 +359,7 @@ def test_deepspeed_ops_built_at_setup_load_without_compiling_whatever_ninja_come
     """Set-up ran the system's ninja and the ranks the environment's (another ninja log format): every first
     run compiled again. Now the environment's ninja always builds, and a later build would be reported."""
     code = (
-        "from keeltune.sharding.zero3 import build_ops, ops_folder\n"
+        "from keeltune.sharding.zero3.ops import build_ops, ops_folder\n"
         "log = ops_folder() / 'deepspeed_shm_comm' / '.ninja_log'\n"
         "assert log.is_file(), 'scripts/setup.sh builds the ops: run it first'\n"
         "before = log.read_bytes()\n"

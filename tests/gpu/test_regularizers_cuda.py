@@ -13,7 +13,8 @@ from keeltune.config import config_from_dict
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
 from keeltune.sharding.ddp import DDPBackend
-from keeltune.training.regularizers import token_kl
+from keeltune.training.regularizers import RegularizerContext, build_regularizers
+from keeltune.training.regularizers.kl import token_kl
 from tests.conftest import base_config, keeltune, read_metrics, write_config
 
 pytestmark = [
@@ -25,10 +26,10 @@ REGULARIZATION = {"kl": {"weight": 1.0}, "l2sp": {"weight": 0.1}, "neftune_alpha
 
 def test_penalties_and_neftune_on_cuda_in_bf16(assets: dict, tmp_path: Path) -> None:
     device = torch.device("cuda", 0)
-    backend = DDPBackend(
-        config_from_dict(base_config(assets, tmp_path, regularization=REGULARIZATION)),
-        ParallelEnv(device=device),
-    )
+    config = config_from_dict(base_config(assets, tmp_path, regularization=REGULARIZATION))
+    backend = DDPBackend(config, ParallelEnv(device=device), keep_reference=True)
+    context = RegularizerContext(config, backend, ParallelEnv(device=device), tmp_path, {})
+    (l2sp,) = [r for r in build_regularizers(context) if r.name == "l2sp"]
     assert backend.amp_dtype == torch.bfloat16
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 500, (4, 65), generator=generator).to(device)
@@ -50,7 +51,7 @@ def test_penalties_and_neftune_on_cuda_in_bf16(assets: dict, tmp_path: Path) -> 
             return (token_nll(logits, ids[:, 1:], mask) + token_kl(logits, reference, mask)) / mask.sum()
 
         backend.forward_backward(ids[:, :-1], loss_fn, sync_grads=True)
-        values.append(backend.add_penalties()["train/l2sp"])
+        values.append(l2sp.add_gradients())
         backend.step(3e-3)
     assert values[0] == 0.0 and values[-1] > 0
     assert all(p.grad is None for p in backend.model.parameters())  # the step zeroed them, penalties included

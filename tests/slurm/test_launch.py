@@ -1,6 +1,6 @@
 """``keeltune launch`` through submitit on the real local Slurm cluster: 1- and 2-node ZeRO-3 jobs, preemption
-through Slurm itself (USR2 -> checkpoint -> requeue -> exact resume), cancel, and a killed rank that fails the
-job fast with the rank named."""
+through Slurm itself (USR2 -> checkpoint -> requeue -> exact resume), at most slurm.max_requeues requeues, cancel,
+and a killed rank that fails the job fast with the rank named."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import base_config, keeltune, train_losses, write_config
-from tests.slurm.conftest import LocalSlurm, launched_job_id, task_pid, wait_for_step
+from tests.slurm.conftest import TERMINAL_STATES, LocalSlurm, launched_job_id, task_pid, wait_for_step
+
+pytestmark = pytest.mark.slurm
 
 STEPS = 12
 
@@ -140,6 +142,61 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_cancel_works(
     cancelled = keeltune("cancel", str(run_dir))
     assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
     assert slurm_cluster.wait_for_state(int(job), {"CANCELLED"}, timeout=60) == "CANCELLED"
+
+
+def test_a_job_is_requeued_at_most_max_requeues_times_then_ends_with_a_message(
+    slurm_cluster: LocalSlurm, assets: dict, tmp_path: Path
+) -> None:
+    """slurm.max_requeues=1: the first USR2 checkpoints and requeues, the resumed attempt's USR2 checkpoints and
+    ends the job (no second requeue), saying why in rank 0's log; status calls it a clean stop to resume."""
+    cfg = launch_config(assets, tmp_path / "runs", "requeues", "ddp", steps=100_000)  # never ends by itself
+    cfg["training"]["checkpoint"]["every_steps"] = 100_000  # checkpoints only when stopped
+    cfg["eval"] = {"every_steps": 100_000, "micro_batch_size": 8, "at_start": False}
+    cfg["slurm"]["max_requeues"] = 1
+    launched = keeltune(
+        "launch", str(write_config(tmp_path / "r.yaml", cfg)), "--nodes", "1", "--gpus-per-node", "1"
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "requeues"
+    job = launched_job_id(run_dir)
+    rank0 = run_dir / "logs" / "rank0.log"
+    try:
+        wait_for_step(run_dir, 2)
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        slurm_cluster.release_requeued(int(job))  # requeue 1 of 1
+        first_stop = int(max(run_dir.glob("checkpoints/step_*")).name.removeprefix("step_"))
+        wait_for_step(run_dir, first_stop + 1)  # the second attempt resumed and trains
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        deadline = time.monotonic() + 120
+        while (state := slurm_cluster.sacct_state(int(job))) not in TERMINAL_STATES:
+            assert slurm_cluster.squeue_state(int(job)) != "PENDING", (
+                "requeued beyond max_requeues\n" + (rank0.read_text()[-3000:])
+            )
+            assert time.monotonic() < deadline, f"job {job} still {state} 120 s after the second USR2"
+            time.sleep(0.2)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)  # never leave it running (or queued) for other tests
+    log = rank0.read_text()
+    attempts = slurm_cluster.run("sacct", "-X", "-D", "-n", "-P", "-j", job, "-o", "State").stdout.split()
+    assert attempts == ["REQUEUED", state], (attempts, log[-3000:])  # two runs of the job, one requeue
+    assert log.count(f"requeued job {job}") == 1 and f"requeued job {job} (requeue 1 of at most 1)" in log
+    assert log.count("received SIGUSR2: stopping at the next step boundary") == 2, log[-3000:]
+    assert "resumed from" in log
+    assert (
+        "not requeued: the job already ran 2 time(s) after requeues (slurm.max_requeues=1); relaunch the same "
+        "config to resume from the checkpoint" in log
+    ), log[-3000:]
+    last = max(train_losses(run_dir))
+    assert sorted(train_losses(run_dir)) == list(range(1, last + 1))  # resumed where it stopped
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == [f"step_{last:07d}"]
+    record = json.loads((run_dir / "logs" / "rank0.json").read_text())
+    assert (record["restart"], record["outcome"], record["step"]) == (1, "stopped", last), record
+    status = keeltune("status", str(run_dir)).stdout
+    assert (
+        f"stopped      cleanly at step {last} after checkpointing, every rank (received SIGUSR2); resume "
+        "with keeltune launch (same config)" in status
+    ), status
+    assert "cause" not in status, status
 
 
 def test_dry_run_prints_the_script_and_a_memory_estimate_and_submits_nothing(

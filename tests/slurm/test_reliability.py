@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import base_config, keeltune, train_losses, wandb_history, write_config
 from tests.slurm.conftest import LocalSlurm, launched_job_id, task_pid, wait_for_step
 
+pytestmark = pytest.mark.slurm
+
 
 def reliability_config(assets: dict, root: Path, name: str, steps: int = 400) -> dict:
     """ddp, checkpoints only when stopped (every_steps above max_steps), short timeouts for failure tests."""

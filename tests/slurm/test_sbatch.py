@@ -3,11 +3,16 @@ hostile names in the config never run as shell code."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import base_config, keeltune, train_losses, write_config
 from tests.slurm.conftest import LocalSlurm
+
+pytestmark = pytest.mark.slurm
 
 EVIL = "$(touch CANARY)`touch CANARY`; touch CANARY 'q\" x"
 
@@ -25,10 +30,10 @@ def test_rendered_script_runs_two_nodes_and_quotes_everything(
     )
     config["slurm"] = {
         "nodes": 2,
-        "gpus_per_node": 1,
+        "gpus_per_node": 2,  # 2 ranks per node: rank r must run on node r // 2
         "time": "5",
         "mem": "3000M",
-        "cpus_per_task": 2,
+        "cpus_per_task": 1,
         "job_name": f"job {EVIL}",
         "env": [f"KEELTUNE_NOTE={EVIL}", "OMP_NUM_THREADS=1"],
         "setup": ["echo setup line ran"],
@@ -48,13 +53,35 @@ def test_rendered_script_runs_two_nodes_and_quotes_everything(
     assert "setup line ran" in log
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
     assert (run_dir / "final" / "model.safetensors").is_file()
-    assert (run_dir / "logs" / "rank1.log").is_file()  # two ranks, one per node
+    assert_ranks_on_their_nodes(slurm_cluster, job, run_dir, nodes=2, ranks_per_node=2)
     status = keeltune("status", str(run_dir))  # the job recorded itself in the run folder
     assert f"job          {job} (slurm, sbatch script): COMPLETED" in status.stdout, (
         status.stdout + status.stderr
     )
     assert not [p for p in tmp_path.rglob("CANARY")], "a config value ran as shell code"
     assert not Path("CANARY").exists()
+
+
+def assert_ranks_on_their_nodes(
+    cluster: LocalSlurm, job: int, run_dir: Path, *, nodes: int, ranks_per_node: int
+) -> None:
+    """Rank r ran on node r // ranks_per_node of the job's node list (Slurm's block layout), as its record
+    (``logs/rank<R>.json``: ``SLURMD_NODENAME`` of the task) and every line of its log say."""
+    node_list = cluster.run("sacct", "-X", "-n", "-P", "-j", str(job), "-o", "NodeList").stdout.strip()
+    hosts = cluster.run("scontrol", "show", "hostnames", node_list).stdout.split()
+    assert len(hosts) == nodes, (node_list, hosts)
+    world_size = nodes * ranks_per_node
+    records = sorted(p.name for p in (run_dir / "logs").glob("rank*.json"))
+    assert records == sorted(f"rank{r}.json" for r in range(world_size))
+    for rank in range(world_size):
+        expected = hosts[rank // ranks_per_node]
+        record = json.loads((run_dir / "logs" / f"rank{rank}.json").read_text())
+        assert (record["rank"], record["world_size"], record["job"]) == (rank, world_size, str(job)), record
+        assert record["node"] == expected and record["outcome"] == "finished", (rank, hosts, record)
+        prefixes = set(
+            re.findall(r"\[rank(\d+)/([^\]]+)\]", (run_dir / "logs" / f"rank{rank}.log").read_text())
+        )
+        assert prefixes == {(str(rank), expected)}, (rank, hosts, prefixes)
 
 
 def test_rendered_script_checkpoints_requeues_and_resumes_on_usr2(

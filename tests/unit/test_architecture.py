@@ -10,18 +10,24 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGE = REPO / "keeltune"
+# the torch-free foundation every part may import: atomic file writes, and the run folder's names
+BASE = {"atomic", "run_folder"}
 # what each part may import from keeltune (besides itself)
 ALLOWED = {
-    "config": set(),
-    "distributed": {"config"},
-    "data_pipeline": {"config"},
-    "sharding": {"config", "distributed"},
-    "eval": {"config", "distributed", "data_pipeline"},
-    "training": {"config", "distributed", "sharding", "data_pipeline", "eval"},
-    "launcher": {"config", "distributed", "training", "sharding", "data_pipeline", "eval"},
-    "demo": {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
-    "cli": {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo"},
+    "atomic": set(),
+    "run_folder": {"atomic"},
+    "config": BASE,
+    "distributed": BASE | {"config"},
+    "data_pipeline": BASE | {"config"},
+    "sharding": BASE | {"config", "distributed"},
+    "eval": BASE | {"config", "distributed", "data_pipeline"},
+    "training": BASE | {"config", "distributed", "sharding", "data_pipeline", "eval"},
+    "launcher": BASE | {"config", "distributed", "training", "sharding", "data_pipeline", "eval"},
+    "demo": BASE | {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
+    "cli": BASE
+    | {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo"},
 }
+TORCH_FREE = {"atomic", "run_folder", "config"}  # may not import torch or deepspeed even inside a function
 
 
 def _part(path: Path) -> str:
@@ -57,8 +63,8 @@ def test_dependency_directions() -> None:
         allowed = ALLOWED[part] | {part}
         for target, name in _keeltune_imports(path):
             if target.startswith("<"):
-                if part == "config":
-                    violations.append(f"{path.relative_to(REPO)} imports {name} (config imports no torch)")
+                if part in TORCH_FREE:
+                    violations.append(f"{path.relative_to(REPO)} imports {name} ({part} imports no torch)")
                 continue
             if target not in allowed:
                 violations.append(f"{path.relative_to(REPO)} imports {name} ({part} may not import {target})")
@@ -72,10 +78,44 @@ def test_login_node_commands_import_no_torch_or_deepspeed(tmp_path: Path) -> Non
         f"assert main(['config', {str(config)!r}, '--nproc', '16']) == 0\n"
         "import keeltune.launcher.run_dir, keeltune.launcher.local, keeltune.launcher.submit, keeltune.launcher.job\n"
         "import keeltune.launcher.entry, keeltune.launcher.rank_records, keeltune.training.manifest\n"
-        "import keeltune.sharding.plan, keeltune.data_pipeline.prepare\n"
+        "import keeltune.config.plan, keeltune.data_pipeline.prepare, keeltune.run_folder, keeltune.atomic\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'deepspeed', 'transformers'})\n"
         "print('HEAVY', heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def _string_constants(node: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_no_backend_name_branches_outside_the_registry() -> None:
+    """A backend's name is compared with nothing outside ``config/backends.py``: adding a backend is one module
+    and one registry entry, not a hunt for if/elif chains."""
+    from keeltune.config import BACKENDS
+
+    registry = PACKAGE / "config" / "backends.py"
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == registry:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Compare, ast.Match)) and _string_constants(node) & set(BACKENDS):
+                violations.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not violations, "\n".join(violations)
+
+
+def test_regularizers_reach_the_model_only_through_the_backend_view() -> None:
+    """From ``sharding`` the regularizers read only the Backend protocol and its view (``sharding.base``)."""
+    folder = PACKAGE / "training" / "regularizers"
+    modules = sorted(folder.glob("*.py"))
+    assert len(modules) >= 5
+    found = {
+        (path.name, name)
+        for path in modules
+        for _, name in _keeltune_imports(path)
+        if name.startswith("keeltune.sharding") and name != "keeltune.sharding.base"
+    }
+    assert not found, found

@@ -50,3 +50,43 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(assets: dict, tmp_path: Path)
         dim=0,
     )
     assert cosine > 0.95
+
+
+def test_every_registry_entry_names_a_module_that_builds_and_exports() -> None:
+    import importlib
+    import inspect
+
+    from keeltune.config import BACKENDS
+
+    for name, spec in BACKENDS.items():
+        module = importlib.import_module(spec.module)
+        for function in ("build", "export_checkpoint"):
+            assert callable(getattr(module, function, None)), (name, function)
+        assert "keep_reference" in inspect.signature(module.build).parameters, name
+        assert "merge" in inspect.signature(module.export_checkpoint).parameters, name
+
+
+def test_unknown_backends_and_another_backends_settings_are_refused(assets: dict, tmp_path: Path) -> None:
+    from keeltune.config import ConfigError
+
+    raw = base_config(assets, tmp_path, sharding={"backend": "qlor"})
+    with pytest.raises(
+        ConfigError, match=r"sharding.backend: 'qlor' is not one of \[.*\] \(did you mean 'qlora'\?\)"
+    ):
+        config_from_dict(raw)
+    raw = base_config(assets, tmp_path, sharding={"backend": "ddp", "qlora": {"rank": 4}})
+    with pytest.raises(
+        ConfigError, match=r"sharding.qlora: settings for backend qlora, but backend is 'ddp'"
+    ):
+        config_from_dict(raw)
+    raw = base_config(assets, tmp_path, sharding={"backend": "qlora", "zero3": {"offload_optimizer": "cpu"}})
+    with pytest.raises(ConfigError, match=r"sharding.zero3: QLoRA with ZeRO-3 .* not supported"):
+        config_from_dict(raw)
+
+
+def test_merge_is_refused_for_a_backend_without_adapters(assets: dict, tmp_path: Path) -> None:
+    from keeltune.sharding.backends import export_checkpoint
+
+    config = config_from_dict(base_config(assets, tmp_path))
+    with pytest.raises(ValueError, match="--merge applies to backends that train adapters"):
+        export_checkpoint(config, tmp_path, tmp_path / "out", merge=True)

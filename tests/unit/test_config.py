@@ -104,10 +104,10 @@ def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
 
 
 def test_unknown_section_suggests(tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"cfg.yaml:\d+: trainig: unknown key \(did you mean trainig|training"
-    ):
-        load_config(write(tmp_path, MINIMAL.replace("training:", "trainig:")))
+    path = write(tmp_path, MINIMAL.replace("training:", "trainig:"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:9: trainig: unknown key (did you mean training?); valid keys")
 
 
 def test_wrong_type_names_key_line_and_expectation(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from keeltune.data_pipeline.reader import TrainStream
 from keeltune.training.loader import StepLoader
-from tests.unit.test_reader import make_prepared
+from tests.unit.test_reader import SEQ, make_prepared
 
 
 def _steps(tmp_path: Path, workers: int, start: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -32,6 +32,7 @@ def test_two_workers_read_ahead_the_same_batches_in_the_same_order(tmp_path: Pat
     with_workers = _steps(tmp_path, 2, start=36, count=6)
     assert len(in_process) == len(with_workers) == 6
     for (ids, mask), (ids_w, mask_w) in zip(in_process, with_workers, strict=True):
-        assert ids.shape == (6, ids.shape[1])  # this rank's half of the global batch of 12
+        # this rank's half of the global batch of 12; a sample: seq_len + 1 tokens (inputs, targets shifted)
+        assert ids.shape == mask.shape == (12 // 2, SEQ + 1), (ids.shape, mask.shape)
         assert torch.equal(ids, ids_w) and torch.equal(mask, mask_w)
     assert not torch.equal(in_process[0][0], in_process[1][0])

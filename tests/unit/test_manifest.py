@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from keeltune.run_folder import complete_checkpoints
 from keeltune.training.manifest import (
     MANIFEST_FILE,
     CheckpointError,
@@ -21,7 +22,6 @@ from keeltune.training.manifest import (
     verify,
     write_manifest,
 )
-from keeltune.training.run_files import complete_checkpoints
 
 
 def _checkpoint(run_dir: Path, step: int, *, manifest: bool = True) -> Path:

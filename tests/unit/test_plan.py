@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from keeltune.config import ConfigError, config_from_dict
-from keeltune.sharding.plan import deepspeed_config, model_hidden_size
+from keeltune.config.plan import deepspeed_config, model_hidden_size
 from tests.conftest import keeltune, write_config
 
 
@@ -64,7 +64,7 @@ def test_keeltune_config_shows_the_generated_deepspeed_json(tmp_path: Path) -> N
 def test_memory_estimate_counts_each_regularizers_copies_per_backend(tmp_path: Path) -> None:
     """A 1000-parameter header-only model: the regularizers' line is the base copy, anchors and Fisher (divided
     over ranks under zero3) plus the reference logits, and absent when no penalty is on."""
-    from keeltune.sharding.plan import estimate_gpu_memory
+    from keeltune.config.plan import estimate_gpu_memory
 
     tree = _config(tmp_path)
     model = Path(tree["model"]["path"])

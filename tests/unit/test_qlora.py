@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from keeltune.config import Config, config_from_dict
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
-from keeltune.sharding.qlora import QLoraBackend, export_qlora_checkpoint, lora_config, write_merged
+from keeltune.sharding.qlora import QLoraBackend, export_checkpoint, lora_config, write_merged
+from keeltune.training.regularizers import RegularizerContext, build_regularizers
+from keeltune.training.regularizers.lora_change import LoraChange
 from tests.conftest import base_config
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -212,7 +214,7 @@ def test_merged_export_loads_in_transformers_with_the_adapter_models_logits(
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     backend.save(checkpoint)
-    written = export_qlora_checkpoint(config, checkpoint, tmp_path / "export", merge=True)
+    written = export_checkpoint(config, checkpoint, tmp_path / "export", merge=True)
     assert written == [tmp_path / "export", tmp_path / "export" / "merged"]
     assert (tmp_path / "export" / "adapter_config.json").is_file()
     online, offline = (
@@ -254,12 +256,19 @@ def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_wei
         regularization={"kl": {"weight": 1.0}, "l2sp": {"weight": 2.0}},
     )
     torch.manual_seed(0)
-    backend = QLoraBackend(config_from_dict(raw), ParallelEnv())
+    config = config_from_dict(raw)
+    backend = QLoraBackend(config, ParallelEnv(), keep_reference=True)
+    (l2sp,) = [
+        r
+        for r in build_regularizers(RegularizerContext(config, backend, ParallelEnv(), tmp_path, {}))
+        if r.name == "l2sp"
+    ]
+    assert isinstance(l2sp, LoraChange)
     ids, mask = _batch(3)
     backend.train(True)
     assert torch.equal(backend.reference_logits(ids), backend.logits(ids))  # B starts at zero
     backend.forward_backward(ids[:, :-1], _loss_fn(ids, mask), sync_grads=True)
-    assert backend.add_penalties() == {"train/l2sp": 0.0}
+    assert l2sp.add_gradients() == 0.0
     backend.step(1e-2)
     _train(backend, 2)
     assert backend.model.training
@@ -273,7 +282,7 @@ def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_wei
                 expected += float((module.get_delta_weight("default").float() ** 2).sum())
     before = {n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad}
     assert all(g is None for g in before.values())
-    value = backend.add_penalties()["train/l2sp"]
+    value = l2sp.add_gradients()
     assert value == pytest.approx(2.0 / 2 * expected, rel=1e-5) and value > 0
     # its gradient against a finite difference of the explicit ||scale * B @ A||^2, on a few coordinates
     name, param = next((n, p) for n, p in backend.model.named_parameters() if "lora_A" in n)

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from keeltune.sharding.zero3 import LAYOUT_FILE, consolidate, partition_file
+from keeltune.sharding.zero3.export import LAYOUT_FILE, consolidate, partition_file
 
 MEASURE = """
 import sys
 from pathlib import Path
 import psutil
-from keeltune.sharding.zero3 import consolidate, large_allocations_returned
+from keeltune.sharding.zero3.export import consolidate
+from keeltune.sharding.zero3.loading import large_allocations_returned
 Path("/proc/self/clear_refs").write_text("5")
 before = psutil.Process().memory_info().rss
 with large_allocations_returned():

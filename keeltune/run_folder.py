@@ -17,11 +17,24 @@ BEST_MODEL_DIR = "best"  # retention_guard action best: the model with the best 
 BEST_MODEL_FILE = "keeltune_best.json"  # in BEST_MODEL_DIR: its step, score and eval results
 WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run folder, across resumes and requeues
 JOB_FILE = "jobs.json"  # what `keeltune launch` submitted, for status / logs / cancel
+CHECKPOINTS_DIR = "checkpoints"  # step_NNNNNNN folders
+LOGS_DIR = "logs"
+RANK_LOG = "rank{rank}.log"  # in LOGS_DIR: each rank's log
+RANK_RECORD = "rank{rank}.json"  # in LOGS_DIR: each rank's heartbeat and ending (launcher.rank_records)
+SLURM_LOG = "slurm-{job_id}.out"  # in LOGS_DIR: the output of the standalone sbatch script
+SUBMITIT_DIR = "submitit"  # submitit's own files, one folder per job
+WANDB_DIR = "wandb"  # made by W&B in the run folder (offline runs stay there)
+REPORT_DIR = "report"  # `keeltune report`'s plots and summary, by default
+REPORT_FILE = "report.md"  # in REPORT_DIR
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS_DIR
+
+
+def logs_dir(run_dir: Path) -> Path:
+    return run_dir / LOGS_DIR
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

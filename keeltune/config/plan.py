@@ -1,4 +1,5 @@
-"""What a backend will do, worked out without torch (the login node shows it): the DeepSpeed config.
+"""What a backend will do, worked out without torch (the login node shows it): the DeepSpeed config and the
+memory estimate per GPU.
 
 The DeepSpeed config is always generated from the typed config, never written by hand.
 """
@@ -8,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keeltune.config import Config, ConfigError
+from keeltune.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from keeltune.config.schema import Config
 
 
 def model_hidden_size(model_path: str) -> int:
@@ -98,34 +102,22 @@ def model_shape(model_path: str) -> dict[str, int]:
 def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
     """A rough per-GPU memory estimate in GiB, by part, for the chosen backend (bf16 compute assumed on GPU).
 
-    States: ddp 16 B/param (fp32 weights, gradients, AdamW); zero3 (2 + 2 + 12) B/param / ranks, the 12 on CPU
-    with optimizer offload, plus two layers gathered; qlora 0.55 B/param (NF4 with double quantization) plus
-    16 B per LoRA parameter. Activations per micro-batch: 34 B per token x hidden x layer (2 with activation
+    States (each backend's registry entry): ddp 16 B/param (fp32 weights, gradients, AdamW); zero3
+    (2 + 2 + 12) B/param / ranks, the 12 on CPU with optimizer offload, plus two layers gathered; qlora
+    0.55 B/param (NF4 with double quantization) plus 16 B per LoRA parameter. Activations per micro-batch: 34 B per token x hidden x layer (2 with activation
     checkpointing, plus one layer's 34), and fp32 logits with their gradient (8 B per token x vocab).
     Regularizers: KL keeps the base (ddp an fp32 copy, zero3 bf16 / ranks, qlora nothing) and its fp32 logits
     (4 B per token x vocab); L2-SP and EWC keep fp32 pretrained weights (ddp: the KL copy when there is one),
     EWC an fp32 Fisher (both / ranks under zero3)."""
+    from keeltune.config.backends import backend_spec  # the registry reads this module: imported here
+
     shape = model_shape(config.model.path)
-    params, hidden, layers, vocab = shape["params"], shape["hidden"], shape["layers"], shape["vocab"]
-    backend, zero = config.sharding.backend, config.sharding.zero3
-    if backend == "zero3":
-        states = (4 + (0 if zero.offload_optimizer == "cpu" else 12)) * params / world_size
-        states += 2 * 2 * params / layers  # two layers' bf16 parameters gathered at a time
-    elif backend == "qlora":
-        lora = 2 * config.sharding.qlora.rank * hidden * 7 * layers  # ~7 adapted matrices per layer
-        states = 0.55 * params + 16 * lora
-    else:
-        states = 16.0 * params
+    hidden, layers, vocab = shape["hidden"], shape["layers"], shape["vocab"]
+    spec = backend_spec(config)
+    states = spec.states_bytes(config, shape, world_size)
     tokens = config.training.micro_batch_size * config.data.seq_len
-    reg = config.regularization
-    kl, anchored, ewc = reg.kl.weight > 0, reg.l2sp.weight > 0 or reg.ewc.weight > 0, reg.ewc.weight > 0
-    if backend == "zero3":  # partitioned: a bf16 base, fp32 anchors and Fisher, each / ranks
-        penalties = (2 * kl + 4 * anchored + 4 * ewc) * params / world_size
-    elif backend == "ddp":  # an fp32 base copy, whose weights are also the anchors
-        penalties = (4 * (kl or anchored) + 4 * ewc) * params
-    else:  # qlora: the base is the model with adapters off; anchors and changes are the adapters'
-        penalties = 0.0
-    penalties += 4.0 * tokens * vocab if reg.kl.weight > 0 else 0.0
+    penalties = spec.regularizer_bytes(config, shape, world_size)
+    penalties += 4.0 * tokens * vocab if config.regularization.kl.weight > 0 else 0.0
     per_layer = 2 if config.model.gradient_checkpointing else 34
     activations = tokens * hidden * (per_layer * layers + (34 if config.model.gradient_checkpointing else 0))
     logits = 8.0 * tokens * vocab
@@ -139,3 +131,20 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
         parts["regularizers (base copy, anchors, Fisher, reference logits)"] = penalties / gib
     parts["total"] = sum(parts.values())
     return parts
+
+
+def deepspeed_summary(config: Config, nproc: int) -> list[str]:
+    """The DeepSpeed JSON keeltune generates for ``nproc`` ranks, as comment lines (``keeltune config``)."""
+    try:
+        hidden = model_hidden_size(config.model.path)
+    except ConfigError as err:
+        return [f"# DeepSpeed config: not shown, its sizes come from the model's config.json ({err})"]
+    bf16 = config.training.precision in ("bf16", "auto")
+    generated = deepspeed_config(config, nproc, bf16=bf16, hidden_size=hidden)
+    note = (
+        " (precision auto: bf16 on GPUs with bf16, fp32 elsewhere)"
+        if config.training.precision == "auto"
+        else ""
+    )
+    lines = [f"# DeepSpeed config generated for {nproc} rank(s){note}:"]
+    return lines + [f"#   {line}" for line in json.dumps(generated, indent=2).splitlines()]

@@ -1,35 +1,71 @@
-"""Loss-side regularizers: the KL penalty to the base model, and EWC's Fisher (estimated once, kept in the run
-folder so a resume reuses it)."""
+"""EWC: 1/2 w sum F (theta - theta_0)^2 with the diagonal Fisher F of the retention data at the pretrained
+weights (estimated once, kept in the run folder so a resume reuses it)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from keeltune.atomic import atomic_path
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import token_nll
+from keeltune.eval.names import retention_set
 from keeltune.sharding.base import Backend
+from keeltune.training.regularizers.base import Regularizer, RegularizerContext
 
 log = logging.getLogger("keeltune")
 
 FISHER_FILE = "ewc_fisher.safetensors"
 
 
-def token_kl(
-    logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Summed KL(reference || model) over the tokens whose mask is 1, both softened by ``temperature``; times
-    temperature^2 so its gradients keep their scale (Hinton et al.)."""
-    log_q = F.log_softmax(logits / temperature, dim=-1)
-    log_p = F.log_softmax(reference.to(logits.dtype) / temperature, dim=-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (per_token * mask.to(per_token.dtype)).sum() * temperature**2
+class EWC(Regularizer):
+    name = "ewc"
+
+    def __init__(self, context: RegularizerContext) -> None:
+        self.context = context
+        self.settings = context.config.regularization.ewc
+        self.anchors = context.pretrained()
+        self.fisher: dict[str, torch.Tensor] = {}
+
+    def start(self, *, resumed: bool) -> None:
+        """Read the Fisher from the run folder, or estimate it now (only at the pretrained weights)."""
+        names = self.settings.sets or [r.name for r in self.context.config.data.retention]
+        chosen = {retention_set(name) for name in names}
+        sets = [d for name, d in self.context.held_out.items() if name in chosen]
+        fisher = ewc_fisher(
+            self.context.backend,
+            self.context.run_dir,
+            sets,
+            samples=self.settings.samples,
+            batch_size=self.context.config.training.micro_batch_size,
+            parallel=self.context.parallel,
+            resumed=resumed,
+        )
+        wrong = sorted(set(self.anchors) ^ set(fisher)) or [
+            n for n in self.anchors if fisher[n].numel() != self.anchors[n].numel()
+        ]
+        if wrong:
+            raise ValueError(f"EWC Fisher does not fit this rank's trainable parameters (e.g. {wrong[:3]})")
+        self.fisher = {
+            n: fisher[n].reshape(a.shape).to(a.device, torch.float32) for n, a in self.anchors.items()
+        }
+
+    def add_gradients(self) -> float:
+        if not self.fisher:
+            raise RuntimeError(
+                "EWC is on but no Fisher was set (start() estimates or reads it before training)"
+            )
+        local = torch.zeros((), dtype=torch.float64, device=self.context.parallel.device)
+        for param in self.context.backend.local_parameters():
+            change = param.value - self.anchors[param.name]
+            fisher = self.fisher[param.name]
+            local += 0.5 * (fisher.double() * change.double() ** 2).sum()
+            param.add_to_grad(self.settings.weight * fisher * change)
+        return self.settings.weight * float(self.context.total(local))
 
 
 def _fisher_samples(sets: list[PackedDataset], samples: int) -> list[tuple[PackedDataset, int]]:
@@ -72,7 +108,7 @@ def estimate_fisher(
         def loss_fn(logits: torch.Tensor, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> torch.Tensor:
             return token_nll(logits, ids[:, 1:], mask) / mask.sum().clamp(min=1.0)
 
-        for name, grad in backend.parameter_gradients(ids[:, :-1], loss_fn).items():
+        for name, grad in backend.local_gradients(ids[:, :-1], loss_fn).items():
             square = grad.detach().float() ** 2 * float(counted)
             fisher[name] = fisher[name] + square if name in fisher else square
     backend.train(True)
@@ -115,9 +151,8 @@ def ewc_fisher(
         )
     fisher = estimate_fisher(backend, sets, samples=samples, batch_size=batch_size, parallel=parallel)
     if parallel.is_main or backend.partitioned:
-        tmp = path.with_suffix(".tmp")
-        save_file({n: t.detach().cpu().contiguous() for n, t in fisher.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({n: t.detach().cpu().contiguous() for n, t in fisher.items()}, str(tmp))
         log.info("EWC: Fisher estimated on the retention data, written to %s", path)
     parallel.barrier()
     return fisher

@@ -1,20 +1,11 @@
-"""The one typed config tree: YAML in, ``--set a.b=c`` overrides, errors that name the key and the fix.
-
-This module imports no torch: the login node validates configs without it.
-"""
+"""The config dataclasses and what each checks on itself in ``__post_init__``, with the checks across sections
+that ``Config`` and ``DataConfig`` run there (regularization, mixing weights)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import glob
 import math
-import os
 import re
-import tempfile
-import types
-import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,10 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, with the file, line and key when known."""
-
+from keeltune.config.backends import DEFAULT_BACKEND, backend_spec, check_sharding
+from keeltune.config.errors import ConfigError
 
 # --------------------------------------------------------------------------- sections
 
@@ -366,26 +355,16 @@ class QLoraConfig:
 
 @dataclass(kw_only=True)
 class ShardingConfig:
-    """How the model is spread over ranks: ``ddp`` (a full replica per rank), ``zero3`` (DeepSpeed ZeRO-3 full
-    fine-tuning, parameters, gradients and optimizer state partitioned) or ``qlora`` (4-bit base + LoRA
-    adapters, data parallel)."""
+    """How the model is spread over ranks: one of the backend registry's names (``keeltune.config.backends``:
+    ``ddp``, ``zero3``, ``qlora``), with the settings section of that backend."""
 
-    backend: Literal["ddp", "zero3", "qlora"] = "ddp"
+    backend: str = DEFAULT_BACKEND
     zero3: Zero3Config = field(default_factory=Zero3Config)
     qlora: QLoraConfig = field(default_factory=QLoraConfig)
 
     def __post_init__(self) -> None:
-        if self.backend == "qlora" and self.zero3 != Zero3Config():
-            raise ConfigError(
-                "zero3: QLoRA with ZeRO-3 (sharding the 4-bit base) is not supported. Use backend: qlora alone "
-                "(every rank holds the 4-bit base, about 0.3x its bf16 size, and only the adapters are "
-                "all-reduced), or backend: zero3 for full fine-tuning; remove the sharding.zero3 section"
-            )
-        if self.backend != "qlora" and self.qlora != QLoraConfig():
-            raise ConfigError(
-                f"qlora: settings for backend qlora, but backend is {self.backend!r}; "
-                "set sharding.backend: qlora or remove the sharding.qlora section"
-            )
+        defaults = {f.name: f.default_factory() for f in dataclasses.fields(self) if f.name != "backend"}
+        check_sharding(self, defaults)
 
 
 @dataclass(kw_only=True)
@@ -487,13 +466,8 @@ class RegularizationConfig:
 
 def check_regularization(config: Config) -> None:
     """Refuse regularizers this backend cannot compute exactly, or that lack the data they need."""
-    reg, backend = config.regularization, config.sharding.backend
-    if backend == "qlora" and reg.ewc.weight > 0:
-        raise ConfigError(
-            "regularization.ewc: not supported with sharding.backend: qlora (gradients never reach the 4-bit "
-            "weights, and a Fisher over them would cost 8x the 4-bit model's memory); use regularization.l2sp "
-            "(under qlora it penalises the adapters' weight change) or regularization.kl, or replay general data"
-        )
+    reg = config.regularization
+    backend_spec(config).check(config)
     if reg.ewc.weight > 0 and not config.data.retention:
         raise ConfigError(
             "regularization.ewc: needs general data to estimate the Fisher on; add a data.retention set"
@@ -671,406 +645,3 @@ RESUME_MUTABLE = (
 
 def _nearest_multiple(value: int, base: int) -> int:
     return max(base, round(value / base) * base)
-
-
-# --------------------------------------------------------------------------- YAML with line numbers
-
-
-class _Source:
-    """Remembers where each dotted key came from (file and line) for error messages."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.places: dict[str, str] = {}
-
-    def mark(self, key: str, line: int) -> None:
-        self.places[key] = f"{self.path}:{line}"
-
-    def where(self, key: str) -> str:
-        parts = key.split(".")
-        while parts:
-            place = self.places.get(".".join(parts))
-            if place is not None:
-                return f"{place}: "
-            parts.pop()
-        return f"{self.path}: "
-
-
-MAX_YAML_VALUES = 20_000  # values a config may expand to through anchors and aliases (real ones: hundreds)
-MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _Expansion:
-    """Counts the values built from a YAML document, aliases expanded: an alias bomb ("billion laughs") is
-    refused at the cap instead of eating memory."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.values = path, 0
-        self.open: set[int] = set()  # the collections being built: an alias to one of them contains itself
-        self.scalars = yaml.SafeLoader("")  # builds scalar values (one loader: making one per value is slow)
-
-    def count(self, node: yaml.Node) -> None:
-        self.values += 1
-        if self.values > MAX_YAML_VALUES:
-            raise ConfigError(
-                f"{self.path}:{node.start_mark.line + 1}: the config expands to more than {MAX_YAML_VALUES:,} "
-                "values through YAML anchors and aliases (an alias bomb?); a config needs a few hundred: "
-                "write the values out, or use fewer nested aliases"
-            )
-
-
-def _merged_pairs(
-    node: yaml.MappingNode, source: _Source, expansion: _Expansion
-) -> list[tuple[yaml.Node, yaml.Node]]:
-    """The mapping's key/value pairs with YAML merge keys (``<<: *base``) applied: merged keys first, the
-    mapping's own keys override them."""
-    merged: list[tuple[yaml.Node, yaml.Node]] = []
-    own: list[tuple[yaml.Node, yaml.Node]] = []
-    for key_node, value_node in node.value:
-        if key_node.tag != MERGE_TAG:
-            own.append((key_node, value_node))
-            continue
-        bases = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-        for base in bases:
-            expansion.count(base)
-            if not isinstance(base, yaml.MappingNode):
-                raise ConfigError(
-                    f"{source.path}:{key_node.start_mark.line + 1}: '<<' merges mappings (an alias of one, or a "
-                    "list of them)"
-                )
-            merged += _merged_pairs(base, source, expansion)
-    names = {str(k.value) for k, _ in own}
-    seen: set[str] = set()
-    kept = []
-    for key_node, value_node in reversed(merged):  # the first base wins among bases, as YAML says
-        name = str(key_node.value)
-        if name not in names and name not in seen:
-            seen.add(name)
-            kept.append((key_node, value_node))
-    return kept[::-1] + own
-
-
-def _construct(node: yaml.Node, key: str, source: _Source, expansion: _Expansion) -> Any:
-    expansion.count(node)
-    if key not in source.places:
-        source.mark(key, node.start_mark.line + 1)
-    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
-        if id(node) in expansion.open:
-            raise ConfigError(
-                f"{source.path}:{node.start_mark.line + 1}: {key or 'config'}: an alias that contains itself "
-                "(its anchor is around it); YAML configs must be finite"
-            )
-        expansion.open.add(id(node))
-        try:
-            return _construct_collection(node, key, source, expansion)
-        finally:
-            expansion.open.discard(id(node))
-    return expansion.scalars.construct_object(node, deep=True)
-
-
-def _construct_collection(node: yaml.Node, key: str, source: _Source, expansion: _Expansion) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        given: set[str] = set()
-        for key_node, _ in node.value:
-            name = str(key_node.value)
-            if key_node.tag != MERGE_TAG and name in given:
-                child = f"{key}.{name}" if key else name
-                raise ConfigError(f"{source.path}:{key_node.start_mark.line + 1}: {child}: key given twice")
-            given.add(name)
-        out: dict[str, Any] = {}
-        for key_node, value_node in _merged_pairs(node, source, expansion):
-            name = str(key_node.value)
-            child = f"{key}.{name}" if key else name
-            source.mark(child, key_node.start_mark.line + 1)
-            out[name] = _construct(value_node, child, source, expansion)
-        return out
-    return [
-        _construct(item, f"{key}.{i}" if key else str(i), source, expansion)
-        for i, item in enumerate(node.value)
-    ]
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], _Source]:
-    source = _Source(str(path))
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the config
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is None:
-            return {}, source
-        data = _construct(node, "", source, _Expansion(str(path)))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: malformed YAML: {err.problem or err}") from None
-    except RecursionError:
-        raise ConfigError(
-            f"{path}: nested too deeply (hundreds of levels); a config is a few levels deep"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...)")
-    return data, source
-
-
-# --------------------------------------------------------------------------- typed conversion
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str, source: _Source) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, source)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{source.where(key)}{key}: {value!r} is not one of {list(choices)}{extra}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(
-                f"{source.where(key)}{key}: expected a list, got {type(value).__name__} {value!r}"
-            )
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}.{i}", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        raise TypeError(f"unsupported config type {tp!r} at {key}")
-    raise ConfigError(
-        f"{source.where(key)}{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-    )
-
-
-def _build(cls: type, data: Any, prefix: str, source: _Source) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source.where(prefix)}{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}"
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in fields:
-            hint = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
-            suggestion = (
-                f" (did you mean {key.rsplit('.', 1)[0] + '.' if prefix else ''}{hint[0]}?)" if hint else ""
-            )
-            raise ConfigError(
-                f"{source.where(key)}{key}: unknown key{suggestion}; valid keys here: {', '.join(fields)}"
-            )
-        kwargs[name] = _convert(value, hints[name], key, source)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise ConfigError(f"{source.where(prefix)}{key}: required key missing")
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        message = str(err)
-        failing_key = re.match(r"[\w.]*", message).group(0)
-        if prefix and failing_key in fields:  # a section names its own keys; give them their full path
-            message, failing_key = f"{prefix}.{message}", f"{prefix}.{failing_key}"
-        raise ConfigError(f"{source.where(failing_key)}{message}") from None
-
-
-# --------------------------------------------------------------------------- overrides and loading
-
-
-def _apply_override(data: dict[str, Any], assignment: str, source: _Source) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
-    key, raw = assignment.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of that list")
-            node = node[int(part)]
-            continue
-        if part not in node:  # a section the override creates: an error in it is the override's
-            source.places[".".join(parts[: i + 1])] = f"--set {assignment}"
-        node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {key}: {last} is not an index of that list")
-        node[int(last)] = value
-    else:
-        node[last] = value
-    source.places[key] = f"--set {assignment}"
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make model and data paths absolute: relative ones are tried from the working folder, then the config's."""
-
-    def fix(value: str) -> str:
-        if not value or os.path.isabs(value):
-            return value
-        for candidate in (Path(value), base / value):
-            if glob.glob(str(candidate)):
-                return str(candidate.absolute()) if glob.has_magic(value) else str(candidate.resolve())
-        return value
-
-    model = data.get("model")
-    if isinstance(model, dict):
-        for key in ("path", "tokenizer"):
-            if isinstance(model.get(key), str):
-                model[key] = fix(model[key])
-    section = data.get("data")
-    if isinstance(section, dict):
-        entries = list(section.get("train") or []) + list(section.get("retention") or [])
-        if isinstance(section.get("validation"), dict):
-            entries.append(section["validation"])
-        for entry in entries:
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                entry["path"] = fix(entry["path"])
-
-
-def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Config:
-    """Build and validate a Config from plain data."""
-    return _build(Config, copy.deepcopy(data), "", _Source(origin))
-
-
-def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML config, apply ``KEY=VALUE`` overrides, and validate everything that needs no files."""
-    path = Path(path)
-    data, source = _read_yaml(path)
-    run = data.setdefault("run", {})
-    if isinstance(run, dict):
-        run.setdefault("name", path.stem)
-    for assignment in overrides:
-        _apply_override(data, assignment, source)
-    _resolve_paths(data, path.parent)
-    return _build(Config, data, "", source)
-
-
-def check_world_size(config: Config, world_size: int) -> int:
-    """Fail before any work starts if the global batch cannot be made; return the accumulation steps."""
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    return config.training.gradient_accumulation(world_size)
-
-
-def check_paths(config: Config) -> None:
-    """Check the files a run reads and the folder it writes (done at train/launch time, not at load)."""
-    model = Path(config.model.path)
-    if not (model / "config.json").is_file():
-        raise ConfigError(
-            f"model.path: {model} is not a Hugging Face model folder (no config.json there); "
-            "give the folder written by save_pretrained"
-        )
-    tokenizer = Path(config.model.tokenizer_path)
-    if not tokenizer.is_dir():
-        raise ConfigError(f"model.tokenizer: {tokenizer} is not a folder with a saved tokenizer")
-    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train) if s.generate is None]
-    sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
-    if config.data.validation:
-        sets.append(("data.validation", config.data.validation.path))
-    for key, pattern in sets:
-        if not glob.glob(pattern):
-            raise ConfigError(
-                f"{key}.path: {pattern} does not exist (a file, a glob matching files, or a folder is expected)"
-            )
-    root = Path(config.run.root).absolute()
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
-    problem = ""
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a folder"
-    else:
-        try:
-            tempfile.TemporaryFile(dir=existing).close()
-        except OSError as err:
-            problem = f"cannot create files in {existing}: {err.strerror}"
-    if problem:
-        raise ConfigError(
-            f"run.root: {config.run.root} is not writable ({problem}); "
-            "choose a folder you can write, e.g. --set run.root=$HOME/keeltune-runs"
-        )
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists keep their index)."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        out = {}
-        for i, value in enumerate(data):
-            out.update(flatten(value, f"{prefix}.{i}"))
-        return out
-    return {prefix: data}
-
-
-def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Lines ``key: saved -> current`` for training-relevant keys that differ."""
-    old, new = flatten(saved), flatten(current)
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        if any(key == m or key.startswith(m + ".") for m in RESUME_MUTABLE):
-            continue
-        if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            lines.append(f"  {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
-    return lines

@@ -1,0 +1,51 @@
+"""The one typed config tree: YAML in, ``--set a.b=c`` overrides, errors that name the key and the fix.
+
+``schema``: the dataclasses (every key, its type and default) and the checks each makes on itself;
+``loader``: YAML and overrides into a Config, ``config_from_dict``, ``resume_differences``;
+``checks``: checks against the world (ranks, files and folders), run at train or launch time;
+``backends``: the backend registry (name -> module, checks, memory estimate); ``plan``: what a backend will do
+(the DeepSpeed config, memory per GPU); ``errors``: ``ConfigError``.
+No module here imports torch: the login node validates configs without it.
+"""
+
+from keeltune.config.backends import BACKENDS, DEFAULT_BACKEND, BackendSpec, backend_spec
+from keeltune.config.checks import check_paths, check_world_size
+from keeltune.config.loader import config_from_dict, load_config, resume_differences
+from keeltune.config.schema import (
+    RESUME_MUTABLE,
+    Config,
+    ConfigError,
+    DataConfig,
+    EarlyStoppingConfig,
+    FieldNames,
+    QLoraConfig,
+    RegularizationConfig,
+    RetentionGuardConfig,
+    SourceConfig,
+    WandbConfig,
+    mixing_counts,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendSpec",
+    "DEFAULT_BACKEND",
+    "backend_spec",
+    "RESUME_MUTABLE",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "FieldNames",
+    "QLoraConfig",
+    "RegularizationConfig",
+    "RetentionGuardConfig",
+    "SourceConfig",
+    "WandbConfig",
+    "check_paths",
+    "check_world_size",
+    "config_from_dict",
+    "load_config",
+    "mixing_counts",
+    "resume_differences",
+]

@@ -1,0 +1,145 @@
+"""The backend registry: one table, name -> what the backend is. Torch-free, so the login node checks configs
+and estimates memory with it; ``module`` (build and export, with torch) is imported only when a run needs it
+(``keeltune.sharding.backends``). Adding a backend: its module under ``keeltune/sharding/`` with ``build`` and
+``export_checkpoint``, and one entry here."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from keeltune.config.errors import ConfigError
+from keeltune.config.plan import deepspeed_summary
+
+if TYPE_CHECKING:
+    from keeltune.config.schema import Config, ShardingConfig
+
+DEFAULT_BACKEND = "ddp"  # a full replica per rank: what one process or plain data parallel runs
+Bytes = Callable[["Config", dict[str, int], int], float]  # (config, model shape, ranks) -> bytes per GPU
+
+
+def _no_check(config: Config) -> None:
+    """Nothing to check beyond the common sections."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    module: str  # the module with build(config, parallel, *, keep_reference) and export_checkpoint(...)
+    summary: str
+    states_bytes: Bytes  # model and optimizer states per GPU
+    regularizer_bytes: Bytes  # what the active regularizers keep (base copy, anchors, Fisher) per GPU
+    check: Callable[[Config], None] = _no_check  # checks of the whole config this backend needs
+    settings: str | None = None  # its own section, sharding.<settings>
+    refuses: dict[str, str] = field(
+        default_factory=dict
+    )  # another backend's section -> why not with this one
+    adapters: bool = False  # trains adapters over a frozen base (export --merge gives the full model)
+    describe: Callable[[Config, int], list[str]] | None = None  # extra lines `keeltune config` shows
+
+
+def _regularized(config: Config) -> tuple[bool, bool, bool]:
+    """(KL keeps the base, L2-SP or EWC keep pretrained weights, EWC keeps a Fisher)."""
+    reg = config.regularization
+    return reg.kl.weight > 0, reg.l2sp.weight > 0 or reg.ewc.weight > 0, reg.ewc.weight > 0
+
+
+def _ddp_states(config: Config, shape: dict[str, int], ranks: int) -> float:
+    return 16.0 * shape["params"]  # fp32 weights, gradients, AdamW's two moments
+
+
+def _ddp_regularizers(config: Config, shape: dict[str, int], ranks: int) -> float:
+    kl, anchored, ewc = _regularized(config)  # one fp32 base copy, whose weights are also the anchors
+    return (4 * (kl or anchored) + 4 * ewc) * shape["params"]
+
+
+def _zero3_states(config: Config, shape: dict[str, int], ranks: int) -> float:
+    offloaded = config.sharding.zero3.offload_optimizer == "cpu"
+    states = (4 + (0 if offloaded else 12)) * shape["params"] / ranks
+    return (
+        states + 2 * 2 * shape["params"] / shape["layers"]
+    )  # two layers' bf16 parameters gathered at a time
+
+
+def _zero3_regularizers(config: Config, shape: dict[str, int], ranks: int) -> float:
+    kl, anchored, ewc = _regularized(
+        config
+    )  # partitioned: a bf16 base, fp32 anchors and Fisher, each / ranks
+    return (2 * kl + 4 * anchored + 4 * ewc) * shape["params"] / ranks
+
+
+def _qlora_states(config: Config, shape: dict[str, int], ranks: int) -> float:
+    lora = (
+        2 * config.sharding.qlora.rank * shape["hidden"] * 7 * shape["layers"]
+    )  # ~7 adapted matrices a layer
+    return 0.55 * shape["params"] + 16 * lora  # NF4 with double quantization; fp32 adapters with AdamW
+
+
+def _qlora_regularizers(config: Config, shape: dict[str, int], ranks: int) -> float:
+    return 0.0  # the base is the model with adapters off; anchors and changes are the adapters'
+
+
+def _check_qlora(config: Config) -> None:
+    if config.regularization.ewc.weight > 0:
+        raise ConfigError(
+            "regularization.ewc: not supported with sharding.backend: qlora (gradients never reach the 4-bit "
+            "weights, and a Fisher over them would cost 8x the 4-bit model's memory); use regularization.l2sp "
+            "(under qlora it penalises the adapters' weight change) or regularization.kl, or replay general data"
+        )
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "ddp": BackendSpec(
+        module="keeltune.sharding.ddp",
+        summary="a full replica per rank, gradients averaged (torch DDP)",
+        states_bytes=_ddp_states,
+        regularizer_bytes=_ddp_regularizers,
+    ),
+    "zero3": BackendSpec(
+        module="keeltune.sharding.zero3",
+        summary="DeepSpeed ZeRO-3 full fine-tuning: parameters, gradients and optimizer state partitioned",
+        states_bytes=_zero3_states,
+        regularizer_bytes=_zero3_regularizers,
+        settings="zero3",
+        describe=deepspeed_summary,
+    ),
+    "qlora": BackendSpec(
+        module="keeltune.sharding.qlora",
+        summary="a 4-bit base (bitsandbytes) with LoRA adapters (peft), data parallel",
+        states_bytes=_qlora_states,
+        regularizer_bytes=_qlora_regularizers,
+        check=_check_qlora,
+        settings="qlora",
+        refuses={
+            "zero3": "QLoRA with ZeRO-3 (sharding the 4-bit base) is not supported. Use backend: qlora alone "
+            "(every rank holds the 4-bit base, about 0.3x its bf16 size, and only the adapters are "
+            "all-reduced), or backend: zero3 for full fine-tuning; remove the sharding.zero3 section"
+        },
+        adapters=True,
+    ),
+}
+
+
+def backend_spec(config: Config) -> BackendSpec:
+    return BACKENDS[config.sharding.backend]
+
+
+def check_sharding(sharding: ShardingConfig, defaults: dict[str, object]) -> None:
+    """A known backend, and no settings section of another backend (``defaults``: each section's default)."""
+    if sharding.backend not in BACKENDS:
+        close = difflib.get_close_matches(str(sharding.backend), BACKENDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"backend: {sharding.backend!r} is not one of {list(BACKENDS)}{hint}")
+    spec = BACKENDS[sharding.backend]
+    for section, default in defaults.items():
+        if section == spec.settings or getattr(sharding, section) == default:
+            continue
+        raise ConfigError(
+            f"{section}: "
+            + spec.refuses.get(
+                section,
+                f"settings for backend {section}, but backend is {sharding.backend!r}; "
+                f"set sharding.backend: {section} or remove the sharding.{section} section",
+            )
+        )

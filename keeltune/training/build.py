@@ -1,0 +1,42 @@
+"""The loop's pieces that come straight from the config: seeds and the opened datasets."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from keeltune.config import Config
+from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
+from keeltune.data_pipeline.reader import PackedDataset
+from keeltune.distributed import ParallelEnv
+from keeltune.eval.names import held_out_names
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_datasets(
+    config: Config, tokenizer: Any, parallel: ParallelEnv
+) -> tuple[list[PackedDataset], dict[str, PackedDataset]]:
+    """Rank 0 prepares sets not prepared yet (and refuses stale ones) and checks shard checksums; every rank
+    then opens the shards. Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
+    data = config.data
+    if parallel.is_main:
+        prepare_sets(data, config.run_dir, tokenizer, refresh=False)
+    parallel.barrier()
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    verify = data.verify_checksums if parallel.is_main else "never"
+    opened = {
+        key: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
+        for key, _, folder in data.prepared_sets(config.run_dir)
+    }
+    parallel.barrier()
+    train = [opened[f"data.train.{i}"] for i in range(len(data.train))]
+    held_out = {name: opened[key] for key, name in held_out_names(data).items()}
+    return train, held_out
