@@ -5,10 +5,12 @@ Torch, never DeepSpeed: the launcher, the loop, the backends and evaluation all 
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +153,21 @@ def exit_rank(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+PR_SET_PDEATHSIG = 1  # prctl option in linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Under torch's launcher, have Linux send this rank SIGTERM when the launcher dies. The launcher starts each
+    rank in a session of its own, so a launcher killed outright (SIGKILL, the OOM killer, a closed terminal)
+    would leave its ranks training, orphaned, into the run folder; with a stop handler installed, SIGTERM makes
+    them checkpoint at the next step boundary and end, as a cancel does."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_local_ranks(nproc: int, module: str, *args: str) -> int:

@@ -1,9 +1,10 @@
 """Kill a training run and every process it started, as a crash of the machine would.
 
 ``os.killpg`` on the CLI is not enough for runs of several ranks: torch's launcher starts each rank in a
-session of its own (``start_new_session=True``), so the ranks outlive a killed launcher and go on training
-(and checkpointing) into the run folder. Here the whole process tree is frozen first, so nothing moves on
-between the kills, then every process in it is killed."""
+session of its own (``start_new_session=True``), so the ranks outlive a killed launcher; they then stop
+cleanly, with a checkpoint (``keeltune.distributed.stop_with_launcher``), which is not what a crash does. Here
+the whole process tree is frozen first, so nothing moves on between the kills, then every process in it is
+killed."""
 
 from __future__ import annotations
 
@@ -64,3 +65,22 @@ def kill_tree(process: subprocess.Popen, timeout: float = 30) -> list[int]:
             assert time.monotonic() < deadline, f"process {pid} survived SIGKILL"
             time.sleep(0.01)
     return stopped
+
+
+def live_processes(*words: str, excluding: str = "torch.distributed.run") -> list[int]:
+    """Processes (not zombies) whose command line holds every one of ``words`` and not ``excluding`` (by
+    default torch's launcher, whose command line names the module it starts)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        stat = _stat(int(entry.name))
+        if stat is None or stat[0] == "Z" or excluding in command:
+            continue
+        if all(word in command for word in words):
+            found.append(int(entry.name))
+    return found

@@ -78,6 +78,7 @@ def train_rank(run_dir: Path, stop: StopRequest | None = None):
     ).start()  # fmt: skip
     set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     parallel = trainer = None
+    not_requeued = ""
     try:
         parallel = ParallelEnv.from_environment(
             config.training.collective_timeout_s, config.training.preflight_timeout_s
@@ -89,7 +90,7 @@ def train_rank(run_dir: Path, stop: StopRequest | None = None):
         trainer = None
         parallel.barrier()  # everyone has closed: a rank that leaves first cannot cut another short
         if summary.stopped and parallel.is_main and stop is not None and stop.requeue:
-            requeue_slurm_job(config.slurm.max_requeues)
+            not_requeued = requeue_slurm_job(config.slurm.max_requeues)
     except BaseException as err:
         detail = f"{type(err).__name__}: {err}"
         silent = silence_note(heartbeat.silent_ranks())
@@ -105,7 +106,8 @@ def train_rank(run_dir: Path, stop: StopRequest | None = None):
     finally:
         if parallel is not None:
             parallel.close()
-    heartbeat.end("stopped" if summary.stopped else "finished", summary.stopped or summary.ended_early)
+    detail = "; ".join(text for text in (summary.stopped or summary.ended_early, not_requeued) if text)
+    heartbeat.end("stopped" if summary.stopped else "finished", detail)
     return summary
 
 
@@ -138,24 +140,20 @@ def register_slurm_job(run_dir: Path, config: Config, rank: int) -> None:
     )
 
 
-def requeue_slurm_job(max_requeues: int) -> bool:
-    """Put this Slurm job back in the queue (it resumes from the run's latest checkpoint); False outside Slurm
-    or once ``max_requeues`` is spent (Slurm counts restarts in SLURM_RESTART_COUNT)."""
+def requeue_slurm_job(max_requeues: int) -> str:
+    """Put this Slurm job back in the queue (it resumes from the run's latest checkpoint). Returns why it was not
+    requeued once ``max_requeues`` is spent (Slurm counts restarts in SLURM_RESTART_COUNT), else ""."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if not job:
-        return False
+        return ""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if restarts >= max_requeues:
-        log.error(
-            "not requeued: the job already ran %d time(s) after requeues (slurm.max_requeues=%d); "
-            "relaunch the same config to resume from the checkpoint",
-            restarts + 1,
-            max_requeues,
-        )
-        return False
+        note = f"not requeued: slurm.max_requeues={max_requeues} is spent (the job was requeued {restarts} time(s))"
+        log.error("%s; relaunch the same config to resume from the checkpoint", note)
+        return note
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     log.warning("requeued job %s (requeue %d of at most %d)", job, restarts + 1, max_requeues)
-    return True
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         from keeltune.distributed import slurm_task_environment
 
         os.environ.update(slurm_task_environment())
+    from keeltune.distributed import stop_with_launcher
+
+    stop = StopRequest().install()
+    stop_with_launcher()  # after the handler: the launcher's death then stops this rank cleanly
     try:
-        summary = train_rank(args.run_dir.resolve(), StopRequest().install())
+        summary = train_rank(args.run_dir.resolve(), stop)
     except (ConfigError, DataError, CheckpointError) as err:
         if not log.handlers:  # failed before the rank's log existed (else the message is there and on stderr)
             print(f"error: {err}", file=sys.stderr)

@@ -29,14 +29,16 @@ def test_two_ranks_match_one_rank_and_log_per_rank(assets: dict, tmp_path: Path)
         runs[nproc] = tmp_path / "runs" / f"ranks{nproc}"
     one, two = train_losses(runs[1]), train_losses(runs[2])
     assert sorted(two) == list(range(1, 7))
+    # equal within 1e-6, not to the bit: 2 ranks sum each step's gradient in another order than 1 rank (each
+    # rank's micro-batches, then the all-reduce). Seen: losses within 1.2e-7, weights within 2.7e-7.
     for step in one:
-        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+        assert abs(one[step] - two[step]) <= 1e-6, (step, one[step], two[step])
     reference, weights = (
         load_file(runs[1] / "final" / "model.safetensors"),
         load_file(runs[2] / "final" / "model.safetensors"),
     )
     for name in reference:
-        assert torch.allclose(reference[name], weights[name], atol=1e-5), name
+        assert torch.allclose(reference[name], weights[name], atol=1e-6, rtol=0), name
     rank1_log = (runs[2] / "logs" / "rank1.log").read_text()
     assert "[rank1/" in rank1_log
     assert "[rank0/" in (runs[2] / "logs" / "rank0.log").read_text()

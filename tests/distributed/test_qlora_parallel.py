@@ -63,17 +63,19 @@ def runs(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Pa
 def test_two_ranks_match_one_rank_on_different_samples(runs: dict[int, Path], assets: dict) -> None:
     one, two = train_losses(runs[1]), train_losses(runs[2])
     assert sorted(two) == list(range(1, STEPS + 1))
+    # within 1e-6, not to the bit: 2 ranks sum each step's adapter gradients in another order than 1 rank.
+    # Seen: losses within 1.2e-7, adapters within 1.4e-7, evaluation within 1.1e-7.
     for step in one:
-        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+        assert abs(one[step] - two[step]) <= 1e-6, (step, one[step], two[step])
     reference = load_file(runs[1] / "final" / "adapter" / "adapter_model.safetensors")
     adapter = load_file(runs[2] / "final" / "adapter" / "adapter_model.safetensors")
     assert reference.keys() == adapter.keys() and all("lora_" in name for name in adapter)
     for name in reference:
-        assert torch.allclose(reference[name], adapter[name], atol=1e-5), name
+        assert torch.allclose(reference[name], adapter[name], atol=1e-6, rtol=0), name
     # evaluation is sharded (rank 1 scores every second sample with its own replica): equal to one rank's
     for key, value in _evals(runs[1]).items():
         if key.endswith("/loss"):
-            assert abs(_evals(runs[2])[key] - value) < 1e-5, key
+            assert abs(_evals(runs[2])[key] - value) <= 1e-6, key
     assert "[rank1/" in (runs[2] / "logs" / "rank1.log").read_text()
 
     # the ranks read disjoint halves of every global batch (the stream the trainer reads, on the run's data)

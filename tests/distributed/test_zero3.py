@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import base_config, keeltune, read_metrics, train_losses, with_base_samples, write_config
+from tests.processes import kill_tree
 
 STEPS = 6
 
@@ -64,8 +64,8 @@ def test_two_rank_zero3_equals_one_rank_data_parallel(runs: dict[str, Path]) -> 
     assert [sorted(r) for r in ddp] == [sorted(r) for r in z3]
     for expected, got in zip(ddp, z3, strict=True):
         for key, value in expected.items():
-            if "loss" in key:
-                assert abs(got[key] - value) < 1e-5, (expected["step"], key, got[key], value)
+            if "loss" in key:  # seen: train losses equal to the bit, evaluations within 9e-8
+                assert abs(got[key] - value) <= 1e-6, (expected["step"], key, got[key], value)
     losses = train_losses(runs["z3"])
     assert losses[STEPS] < losses[1]  # it learns
     reference, weights = (
@@ -73,6 +73,11 @@ def test_two_rank_zero3_equals_one_rank_data_parallel(runs: dict[str, Path]) -> 
         load_file(runs["z3"] / "final" / "model.safetensors"),
     )
     assert reference.keys() == weights.keys()
+    # 1e-4, not 1e-6: ZeRO-3 reduce-scatters each gradient over 2 ranks where one rank sums it whole, so the
+    # gradients differ in their last float32 bits, and Adam (which scales each element's step by that element's
+    # own gradient history) turns such differences in near-zero gradients into larger weight differences that
+    # add up over the steps. Seen after 6 steps: 1.2e-5 (layers.0.mlp.up_proj), most tensors below 1e-6. A
+    # wrong reduction or a lost step is off by the learning rate, 3e-3.
     for name in reference:
         assert torch.allclose(weights[name], reference[name], atol=1e-4, rtol=0), name
     rank1 = (runs["z3"] / "logs" / "rank1.log").read_text()
@@ -144,7 +149,7 @@ def test_export_streams_a_folder_transformers_loads_with_the_engines_outputs(
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)  # checkpoint and end-of-run export agree
     engine_loss = [r["val/loss"] for r in read_metrics(runs["z3"]) if "val/loss" in r][-1]
-    assert abs(_val_loss_with_transformers(runs["z3"], out) - engine_loss) < 1e-5
+    assert abs(_val_loss_with_transformers(runs["z3"], out) - engine_loss) <= 1e-6  # seen: equal to the bit
     earlier = keeltune("export", str(runs["z3"]), "--checkpoint", "3", "--out", str(tmp_path / "step3"))
     assert earlier.returncode == 0, earlier.stderr[-3000:]
     step3 = load_file(tmp_path / "step3" / "model.safetensors")
@@ -173,13 +178,15 @@ def test_sigkill_after_a_checkpoint_resumes_exactly_and_other_rank_counts_are_re
         start_new_session=True,
     )
     _wait_for(run_dir / "checkpoints" / "step_0000003" / "trainer_state.json", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "checkpoints" / "step_0000006").exists()
+    kill_tree(process)  # the ranks too: they run in sessions of their own
+    assert not (run_dir / "checkpoints" / "step_0000006").exists() and not (run_dir / "final").exists()
     refused = keeltune("train", str(cfg), "--nproc", "1")
     assert refused.returncode == 2
     assert "written by 2 rank(s)" in refused.stderr and "resume with 2 rank(s)" in refused.stderr
+    logged = (run_dir / "logs" / "rank0.log").read_text()
     _train(cfg, 2)
+    resumed = (run_dir / "logs" / "rank0.log").read_text()[len(logged) :]
+    assert re.search(r"resumed from \S+step_0000003 \(step 3, ", resumed), resumed[-2000:]
     expected, got = train_losses(runs["z3"]), train_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(4, STEPS + 1):
@@ -350,7 +357,7 @@ def test_a_qwen2_model_trains_and_exports_under_zero3(assets: dict, tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run_dir / "final" / "config.json").read_text())["model_type"] == "qwen2"
     engine_loss = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
-    assert abs(_val_loss_with_transformers(run_dir, run_dir / "final") - engine_loss) < 1e-5
+    assert abs(_val_loss_with_transformers(run_dir, run_dir / "final") - engine_loss) <= 1e-6  # seen: 0
 
 
 def test_deepspeed_ops_built_at_setup_load_without_compiling_whatever_ninja_comes_first(

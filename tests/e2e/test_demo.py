@@ -61,7 +61,7 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
         )
         assert result["backend"] == backend
         assert result["task_loss_after"] < result["task_loss_before"]
-        if backend == "zero3":  # the same fp32 base, partitioned: the same baseline
-            assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) < 1e-5
+        if backend == "zero3":  # the same fp32 base, partitioned: the same baseline (seen: to the bit)
+            assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) <= 1e-6
         else:  # the 4-bit base is close to, not equal to, the fp32 one
             assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) < 0.02

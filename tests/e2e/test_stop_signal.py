@@ -19,6 +19,7 @@ import pytest
 from keeltune.config import WandbConfig
 from keeltune.training.metrics import STEP_METRIC, MetricsLogger, resolve_wandb_mode
 from tests.conftest import base_config, keeltune, read_metrics, train_losses, wandb_history, write_config
+from tests.processes import live_processes
 
 STEPS = 30
 CLOSE_FAILS = """
@@ -121,3 +122,48 @@ def test_auto_mode_says_why_it_went_offline(monkeypatch: pytest.MonkeyPatch, tmp
     mode, why = resolve_wandb_mode("auto")  # the tests' W&B host is a closed local port
     assert mode == "offline" and "the W&B host 127.0.0.1:9 did not answer within 2 s" in why
     assert resolve_wandb_mode("offline") == ("offline", "")
+
+
+def test_ranks_whose_launcher_is_killed_checkpoint_and_end_instead_of_training_on(
+    assets: dict, tmp_path: Path
+) -> None:
+    """torch's launcher starts each rank in a session of its own: killing the launcher outright (SIGKILL to the
+    CLI's process group) must not leave orphaned ranks training into the run folder. They get SIGTERM from the
+    kernel (parent-death signal), checkpoint at the step reached, and end."""
+    config = base_config(
+        assets,
+        tmp_path / "runs",
+        training={"max_steps": 400, "warmup_steps": 2, "checkpoint": {"every_steps": 1000, "keep_last": 1}},
+        eval={"every_steps": 1000, "micro_batch_size": 8},
+    )
+    config["data"]["prepare_workers"] = 1
+    cfg = write_config(tmp_path / "cfg.yaml", config)
+    run_dir = tmp_path / "runs" / "test"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keeltune.cli", "train", str(cfg), "--nproc", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.01)
+    ranks = live_processes("keeltune.launcher.entry", str(run_dir))
+    assert len(ranks) == 2, ranks
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and torch's launcher; the ranks are in other sessions
+    process.wait()
+    deadline = time.monotonic() + 60
+    while live_processes("keeltune.launcher.entry", str(run_dir)):
+        assert time.monotonic() < deadline, (
+            "orphaned ranks still running 60 s after their launcher was killed"
+        )
+        time.sleep(0.1)
+    reached = max(train_losses(run_dir))
+    assert reached < 400 and not (run_dir / "final").exists()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{reached:07d}"]
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert "received SIGTERM: stopping at the next step boundary to checkpoint" in log, log[-2000:]
+        record = json.loads((run_dir / "logs" / f"rank{rank}.json").read_text())
+        assert (record["outcome"], record["step"]) == ("stopped", reached), record

@@ -183,7 +183,7 @@ def test_a_job_is_requeued_at_most_max_requeues_times_then_ends_with_a_message(
     assert log.count("received SIGUSR2: stopping at the next step boundary") == 2, log[-3000:]
     assert "resumed from" in log
     assert (
-        "not requeued: the job already ran 2 time(s) after requeues (slurm.max_requeues=1); relaunch the same "
+        "not requeued: slurm.max_requeues=1 is spent (the job was requeued 1 time(s)); relaunch the same "
         "config to resume from the checkpoint" in log
     ), log[-3000:]
     last = max(train_losses(run_dir))
@@ -193,8 +193,9 @@ def test_a_job_is_requeued_at_most_max_requeues_times_then_ends_with_a_message(
     assert (record["restart"], record["outcome"], record["step"]) == (1, "stopped", last), record
     status = keeltune("status", str(run_dir)).stdout
     assert (
-        f"stopped      cleanly at step {last} after checkpointing, every rank (received SIGUSR2); resume "
-        "with keeltune launch (same config)" in status
+        f"stopped      cleanly at step {last} after checkpointing, every rank (received SIGUSR2; not requeued: "
+        "slurm.max_requeues=1 is spent (the job was requeued 1 time(s))); resume with keeltune launch (same "
+        "config)" in status
     ), status
     assert "cause" not in status, status
 

@@ -1,45 +1,36 @@
-"""The rendered sbatch script, pinned by a golden file (regenerate: KEELTUNE_UPDATE_GOLDEN=1 pytest this file)."""
+"""The rendered sbatch script, pinned by a golden file.
+
+The tests only compare, they never write. After a deliberate change of the rendered script, update the golden
+files with ``scripts/update-goldens`` (or ``.venv/bin/python -m tests.unit.update_goldens``), review
+``git diff tests/unit/golden`` and commit it with the change; ``scripts/update-goldens --check`` lists the
+files that differ without writing them."""
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
-from keeltune.config import config_from_dict
 from keeltune.launcher.sbatch import render_sbatch
+from tests.unit.update_goldens import (
+    GOLDEN_DIR,
+    GOLDENS,
+    UPDATE_COMMAND,
+    cluster_2x8_config,
+    render_cluster_2x8,
+)
 
-GOLDEN = Path(__file__).parent / "golden" / "cluster-2x8.sbatch"
-
-
-def _config():
-    return config_from_dict(
-        {
-            "run": {"name": "sft", "root": "/shared/runs"},
-            "model": {"path": "/shared/models/base"},
-            "data": {
-                "train": [{"name": "task", "path": "/shared/data/train.jsonl", "format": "instruction"}]
-            },
-            "slurm": {
-                "nodes": 2,
-                "gpus_per_node": 8,
-                "partition": "gpu",
-                "time": "24:00:00",
-                "account": "proj-42",
-                "mem": "400G",
-                "directives": ["--constraint=a100", "--exclusive"],
-                "setup": ["module load cuda/12.4", "source /shared/envs/keeltune/bin/activate"],
-                "env": ["NCCL_DEBUG=WARN", "HF_HOME=/shared/hf cache"],
-            },
-        }
-    )
+_config = cluster_2x8_config
 
 
 def test_rendered_script_matches_the_golden_file() -> None:
-    script = render_sbatch(_config(), Path("/shared/runs/sft"), python="/shared/envs/keeltune/bin/python")
-    if os.environ.get("KEELTUNE_UPDATE_GOLDEN"):
-        GOLDEN.write_text(script)
-    assert script == GOLDEN.read_text()
+    golden = GOLDEN_DIR / "cluster-2x8.sbatch"
+    assert render_cluster_2x8() == golden.read_text(), f"if the change is deliberate: {UPDATE_COMMAND}"
+
+
+def test_every_golden_file_has_its_renderer() -> None:
+    """So that the update command rewrites every golden file, and none is left unchecked."""
+    on_disk = sorted(p.name for p in GOLDEN_DIR.iterdir() if p.is_file())
+    assert on_disk == sorted(GOLDENS) == ["cluster-2x8.sbatch"]
 
 
 def test_hostile_values_stay_single_shell_words() -> None:
