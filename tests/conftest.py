@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny tokenizer + Llama model and small datasets, built once per session, offline."""
+"""Shared fixtures: a tiny tokenizer + Llama model and small datasets, and one tiny trained ddp run (with its prepared
+sets), built once per session, offline."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +273,98 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------ shared runs
+# A training run costs seconds of CLI start-up and training on the 2-core test machine: runs that several tests
+# only read are trained once per session here (tests/distributed/conftest.py has the QLoRA one).
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """A finished run that several tests read: its folder and the config file it was trained from.
+
+    Tests never write into it: its fixture fails at the end of its scope, naming the files, when one did. A
+    test that writes (a report, a resume, sets prepared for another tokenizer) works on ``copy(tmp_path)``."""
+
+    run_dir: Path
+    config: Path
+
+    def copy(self, dest: Path) -> SharedRun:
+        """The run copied to ``dest/runs/<name>``, with ``run.root`` pointing there, both in a new config file and
+        in the copy's own ``config.yaml``: ``keeltune`` commands on the copy (eval, report, train, --config) read
+        and write the copy's folder, never the shared one."""
+        root = (dest / "runs").resolve()
+        run_dir = root / self.run_dir.name
+        shutil.copytree(self.run_dir, run_dir)
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved["run"]["root"] = str(root)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        config = yaml.safe_load(self.config.read_text())
+        config["run"]["root"] = str(root)
+        return SharedRun(run_dir, write_config(dest / f"{run_dir.name}.yaml", config))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file (size, mtime) and folder (None) under ``folder``; not the readers' records of the prepared
+    shards whose checksums matched (a cache that ``keeltune eval`` adds to a set it verified)."""
+    from keeltune.data_pipeline.reader import VERIFIED_FILE
+
+    found: dict[str, tuple[int, int] | None] = {}
+    for path in folder.rglob("*"):
+        if path.name == VERIFIED_FILE:
+            continue
+        found[str(path.relative_to(folder))] = (
+            (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+        )
+    return found
+
+
+def kept_unchanged(run: SharedRun) -> Iterator[SharedRun]:
+    """Yield ``run`` to the tests of a fixture's scope, then fail when any of them changed its folder."""
+    before = _snapshot(run.run_dir)
+    yield run
+    after = _snapshot(run.run_dir)
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key, 0) != after.get(key, 0))
+    if changed:
+        pytest.fail(
+            f"a test changed the shared run {run.run_dir} (write to SharedRun.copy(tmp_path) instead): "
+            + ", ".join(changed[:20]),
+            pytrace=False,
+        )
+
+
+DDP_RUN_STEPS = 6
+
+
+def ddp_run_config(assets: dict[str, Path], run_root: Path) -> dict[str, Any]:
+    """The shared ddp run: 6 steps, evaluated at steps 0, 3 and 6, checkpointed at 3 and 6 (both kept), reading
+    in the training process (no DataLoader worker)."""
+    return base_config(
+        assets,
+        run_root,
+        training={
+            "max_steps": DDP_RUN_STEPS,
+            "warmup_steps": 1,
+            "checkpoint": {"every_steps": DDP_RUN_STEPS // 2, "keep_last": 2},
+        },
+        eval={"every_steps": DDP_RUN_STEPS // 2, "micro_batch_size": 4},
+        # tokenize inline (the forked pool hung twice here on a loaded machine); read in the training process
+        data={"prepare_workers": 1, "loader_workers": 0},
+    )
+
+
+@pytest.fixture(scope="session")
+def ddp_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRun]:
+    """One tiny ddp model trained through the CLI (1 process, W&B disabled: ``ddp_run_config``) for the whole
+    session, with the sets it prepared (``run_dir / "data"``: train-task, val-task, retention-general). Used by
+    e2e/test_eval_report.py, e2e/test_wandb.py, e2e/test_launch_local.py (its sets), distributed/test_eval_exact.py
+    (its retention set) and distributed/test_data_parallel.py (the 1-rank reference)."""
+    root = tmp_path_factory.mktemp("ddp_run")
+    cfg = write_config(root / "cfg.yaml", ddp_run_config(assets, root / "runs"))
+    done = keeltune("train", str(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    yield from kept_unchanged(SharedRun(root / "runs" / "test", cfg))
 
 
 def wandb_history(run_file: Path) -> list[dict[str, str]]:

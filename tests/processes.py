@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,3 +85,13 @@ def live_processes(*words: str, excluding: str = "torch.distributed.run") -> lis
         if all(word in command for word in words):
             found.append(int(entry.name))
     return found
+
+
+def start_training(config: Path, nproc: int) -> subprocess.Popen:
+    """``keeltune train CONFIG --nproc N`` in the background, in a session of its own (to be killed as a group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "keeltune.cli", "train", str(config), "--nproc", str(nproc)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

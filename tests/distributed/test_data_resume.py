@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import base_config, keeltune, read_metrics, train_losses, write_config
-from tests.processes import kill_tree
+from tests.processes import kill_tree, start_training
 
 STEPS, GLOBAL_BATCH = 6, 12
 RESUMED = re.compile(r"resumed from (\S+) \(step (\d+), (\d+) samples consumed\)")
@@ -88,12 +86,7 @@ def test_prepare_then_kill_two_ranks_and_resume_on_three(assets: dict, tmp_path:
 
     killed = write_config(tmp_path / "killed.yaml", mixed_config(assets, tmp_path, "killed"))
     run_dir = tmp_path / "runs" / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "keeltune.cli", "train", str(killed), "--nproc", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_training(killed, 2)
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / "step_0000002").is_dir():
         assert process.poll() is None and time.monotonic() < deadline

@@ -6,32 +6,17 @@ ops, minutes on a shared 2-core machine, so it is not repeated here.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from tests.conftest import base_config, keeltune, read_metrics, write_config
-
-STEPS = 2
+from tests.conftest import SharedRun, keeltune, read_metrics
+from tests.distributed.conftest import QLORA_STEPS as STEPS
 
 
-def test_eval_of_a_qlora_checkpoint_equals_what_the_trainer_logged(assets: dict, tmp_path: Path) -> None:
+def test_eval_of_a_qlora_checkpoint_equals_what_the_trainer_logged(qlora_run: SharedRun) -> None:
     # QLoRA trains on a 4-bit base; the merged model adds the adapters to its dequantized weights: the same
-    # function up to float rounding (seen: 3e-8 on a loss, 3e-6 on a forgetting %)
-    sharding = {"backend": "qlora", "qlora": {"rank": 4, "dropout": 0.0}}
-    config = base_config(
-        assets,
-        tmp_path / "runs",
-        training={
-            "max_steps": STEPS,
-            "warmup_steps": 1,
-            "checkpoint": {"every_steps": STEPS, "keep_last": 1},
-        },
-        eval={"every_steps": STEPS, "micro_batch_size": 4},
-        data={"prepare_workers": 1},  # tokenize inline: the forked pool hung twice here on a loaded machine
-        sharding=sharding,
-    )
-    trained = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
-    assert trained.returncode == 0, trained.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "test"
+    # function up to float rounding (seen: 3e-8 on a loss, 3e-6 on a forgetting %). The session's 1-rank QLoRA
+    # run (rank 4, no dropout, evaluated at steps 0 and 4): eval only reads it (the export goes to a temporary
+    # folder, its sets are prepared already)
+    run_dir = qlora_run.run_dir
     done = keeltune("eval", str(run_dir), "--json")
     assert done.returncode == 0, done.stderr[-4000:]
     got = json.loads(done.stdout)

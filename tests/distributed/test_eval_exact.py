@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import base_config, keeltune, write_config
+from tests.conftest import SharedRun
 
 SCRIPT = """
 import json, sys
@@ -32,11 +32,11 @@ exit_rank(0)
 """
 
 
-def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(assets: dict, tmp_path: Path) -> None:
-    config = base_config(assets, tmp_path / "runs", data={"prepare_workers": 1})
-    prepared = keeltune("prepare", str(write_config(tmp_path / "cfg.yaml", config)))
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    folder = tmp_path / "runs" / "test" / "data" / "retention-general"
+def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(
+    assets: dict, ddp_run: SharedRun, tmp_path: Path
+) -> None:
+    # the retention set the session's ddp run prepared (read-only here)
+    folder = ddp_run.run_dir / "data" / "retention-general"
     size = json.loads((folder / "index.json").read_text())["num_samples"]
     samples = next(n for n in range(size, 0, -1) if n % 2 and n % 3)  # neither 2 nor 3 ranks divide it
     assert samples >= 5

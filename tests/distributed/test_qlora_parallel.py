@@ -20,44 +20,30 @@ from transformers import AutoModelForCausalLM
 
 from keeltune.config import config_from_dict
 from keeltune.data_pipeline.reader import PackedDataset, TrainStream
-from tests.conftest import REPO, base_config, keeltune, read_metrics, train_losses, write_config
+from tests.conftest import REPO, SharedRun, keeltune, read_metrics, train_losses, write_config
+from tests.distributed.conftest import QLORA_STEPS, qlora_run_config
 
-STEPS = 4
+STEPS = QLORA_STEPS
 RESUMED = re.compile(r"resumed from (\S+) \(step (\d+), (\d+) samples consumed\)")
 
 
 def _run_config(assets: dict, tmp_path: Path, name: str) -> dict:
-    return base_config(
-        assets,
-        tmp_path / "runs",
-        run={"name": name, "root": str(tmp_path / "runs")},
-        training={
-            "max_steps": STEPS,
-            "warmup_steps": 1,
-            "checkpoint": {"every_steps": STEPS // 2, "keep_last": 2},
-        },
-        eval={"every_steps": STEPS, "micro_batch_size": 4, "at_start": False},
-        sharding={"backend": "qlora", "qlora": {"rank": 4, "dropout": 0.0}},
-    )
+    return qlora_run_config(assets, tmp_path, name)
 
 
 def _evals(run_dir: Path) -> dict[str, float]:
-    return next(r for r in read_metrics(run_dir) if "val/loss" in r)
+    """The evaluation after the last step (the one at step 0 is the base model's)."""
+    return next(r for r in read_metrics(run_dir) if r["step"] == STEPS and "val/loss" in r)
 
 
 @pytest.fixture(scope="module")
-def runs(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The same QLoRA run on 1 and on 2 ranks."""
+def runs(qlora_run: SharedRun, assets: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The same QLoRA run on 1 (the session's, read-only: copy it to write) and on 2 ranks."""
     tmp_path = tmp_path_factory.mktemp("qlora_runs")
-    runs = {}
-    for nproc in (1, 2):
-        config = _run_config(assets, tmp_path, f"ranks{nproc}")
-        done = keeltune(
-            "train", str(write_config(tmp_path / f"cfg{nproc}.yaml", config)), "--nproc", str(nproc)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[nproc] = tmp_path / "runs" / f"ranks{nproc}"
-    return runs
+    config = _run_config(assets, tmp_path, "ranks2")
+    done = keeltune("train", str(write_config(tmp_path / "cfg2.yaml", config)), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {1: qlora_run.run_dir, 2: tmp_path / "runs" / "ranks2"}
 
 
 def test_two_ranks_match_one_rank_on_different_samples(runs: dict[int, Path], assets: dict) -> None:
@@ -72,10 +58,14 @@ def test_two_ranks_match_one_rank_on_different_samples(runs: dict[int, Path], as
     assert reference.keys() == adapter.keys() and all("lora_" in name for name in adapter)
     for name in reference:
         assert torch.allclose(reference[name], adapter[name], atol=1e-6, rtol=0), name
-    # evaluation is sharded (rank 1 scores every second sample with its own replica): equal to one rank's
-    for key, value in _evals(runs[1]).items():
-        if key.endswith("/loss"):
-            assert abs(_evals(runs[2])[key] - value) <= 1e-6, key
+    # evaluation is sharded (rank 1 scores every second sample with its own replica): equal to one rank's, on the
+    # 4-bit base before training and after the last step
+    evals = {n: [r for r in read_metrics(runs[n]) if "val/loss" in r] for n in (1, 2)}
+    assert [r["step"] for r in evals[1]] == [r["step"] for r in evals[2]] == [0, STEPS]
+    for expected, got in zip(evals[1], evals[2], strict=True):
+        for key, value in expected.items():
+            if key.endswith("/loss"):
+                assert abs(got[key] - value) <= 1e-6, (expected["step"], key, got[key], value)
     assert "[rank1/" in (runs[2] / "logs" / "rank1.log").read_text()
 
     # the ranks read disjoint halves of every global batch (the stream the trainer reads, on the run's data)

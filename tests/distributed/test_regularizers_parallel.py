@@ -4,6 +4,7 @@ also under 2-rank ZeRO-3, where parameters, gradients, anchors and the Fisher ar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from keeltune.training.regularizers.ewc import FISHER_FILE
-from tests.conftest import base_config, keeltune, read_metrics, write_config
+from tests.conftest import SharedRun, base_config, keeltune, kept_unchanged, read_metrics, write_config
 
 PENALTIES = {
     "ddp": {
@@ -36,35 +37,50 @@ def zero3_fisher(run_dir: Path, shapes: dict[str, torch.Size], world: int) -> di
     }
 
 
+def _train(assets: dict, root: Path, name: str, backend: str, nproc: int) -> SharedRun:
+    """4 steps with ``PENALTIES[backend]`` on ``nproc`` ranks of ``backend``."""
+    sharding = {"backend": backend, **({"qlora": {"dropout": 0.0}} if backend == "qlora" else {})}
+    config = base_config(
+        assets,
+        root / "runs",
+        run={"name": name, "root": str(root / "runs")},
+        training={"max_steps": 4, "warmup_steps": 1, "checkpoint": {"every_steps": 4, "keep_last": 1}},
+        eval={"every_steps": 4, "micro_batch_size": 8, "at_start": False},
+        sharding=sharding,
+        regularization=PENALTIES[backend],
+    )
+    # tokenize inline: a forked tokenizer pool under a live gloo group was seen to deadlock on this machine
+    config["data"]["prepare_workers"] = 1
+    cfg = write_config(root / f"{name}.yaml", config)
+    done = keeltune("train", str(cfg), "--nproc", str(nproc))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return SharedRun(root / "runs" / name, cfg)
+
+
+@pytest.fixture(scope="module")
+def ddp_one_rank(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRun]:
+    """1 plain process with the ddp penalties: the 1-rank reference of both [ddp] and [zero3] (PENALTIES["zero3"]
+    is PENALTIES["ddp"]: the same config), trained once. Read-only."""
+    yield from kept_unchanged(_train(assets, tmp_path_factory.mktemp("reg_ddp"), "reg1", "ddp", 1))
+
+
+def _train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+
+
 @pytest.mark.parametrize("backend", ["ddp", "qlora", "zero3"])
-def test_penalties_on_two_ranks_match_one_rank(assets: dict, tmp_path: Path, backend: str) -> None:
+def test_penalties_on_two_ranks_match_one_rank(
+    assets: dict, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """zero3: 2 ZeRO-3 ranks against 1 plain process (ddp); the others: 2 ranks against 1 of the same backend."""
-    runs = {}
-    for nproc in (1, 2):
-        one_rank_backend = "ddp" if backend == "zero3" and nproc == 1 else backend
-        sharding = {
-            "backend": one_rank_backend,
-            **({"qlora": {"dropout": 0.0}} if backend == "qlora" else {}),
-        }
-        config = base_config(
-            assets,
-            tmp_path / "runs",
-            run={"name": f"reg{nproc}", "root": str(tmp_path / "runs")},
-            training={"max_steps": 4, "warmup_steps": 1, "checkpoint": {"every_steps": 4, "keep_last": 1}},
-            eval={"every_steps": 4, "micro_batch_size": 8, "at_start": False},
-            sharding=sharding,
-            regularization=PENALTIES[backend],
-        )
-        # tokenize inline: a forked tokenizer pool under a live gloo group was seen to deadlock on this machine
-        config["data"]["prepare_workers"] = 1
-        done = keeltune(
-            "train", str(write_config(tmp_path / f"cfg{nproc}.yaml", config)), "--nproc", str(nproc)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[nproc] = {
-            r["step"]: r for r in read_metrics(tmp_path / "runs" / f"reg{nproc}") if "train/loss" in r
-        }
-    one, two = runs[1], runs[2]
+    assert PENALTIES["zero3"] is PENALTIES["ddp"]  # so the ddp reference is zero3's too
+    reference = (
+        request.getfixturevalue("ddp_one_rank").run_dir
+        if backend in ("ddp", "zero3")
+        else _train(assets, tmp_path, "reg1", backend, 1).run_dir
+    )
+    two_rank_dir = _train(assets, tmp_path, "reg2", backend, 2).run_dir
+    one, two = _train_records(reference), _train_records(two_rank_dir)
     keys = ["train/loss", *(f"train/{name}" for name in PENALTIES[backend])]
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for name in PENALTIES[backend]:  # measured before each step's update: zero at the pretrained weights
@@ -75,11 +91,11 @@ def test_penalties_on_two_ranks_match_one_rank(assets: dict, tmp_path: Path, bac
         for key in keys:
             assert abs(one[step][key] - two[step][key]) < 1e-5, (step, key, one[step][key], two[step][key])
     if backend in ("ddp", "zero3"):
-        one_rank = load_file(tmp_path / "runs" / "reg1" / FISHER_FILE)
+        one_rank = load_file(reference / FISHER_FILE)
         two_ranks = (
-            zero3_fisher(tmp_path / "runs" / "reg2", {n: t.shape for n, t in one_rank.items()}, 2)
+            zero3_fisher(two_rank_dir, {n: t.shape for n, t in one_rank.items()}, 2)
             if backend == "zero3"
-            else load_file(tmp_path / "runs" / "reg2" / FISHER_FILE)
+            else load_file(two_rank_dir / FISHER_FILE)
         )
         assert one_rank.keys() == two_ranks.keys()
         assert sum(float(t.sum()) for t in one_rank.values()) > 0

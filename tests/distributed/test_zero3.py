@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import base_config, keeltune, read_metrics, train_losses, with_base_samples, write_config
-from tests.processes import kill_tree
+from tests.processes import kill_tree, start_training
 
 STEPS = 6
 
@@ -171,12 +171,7 @@ def test_sigkill_after_a_checkpoint_resumes_exactly_and_other_rank_counts_are_re
 ) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", zero3_config(assets, tmp_path / "runs", "killed"))
     run_dir = tmp_path / "runs" / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "keeltune.cli", "train", str(cfg), "--nproc", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_training(cfg, 2)
     _wait_for(run_dir / "checkpoints" / "step_0000003" / "trainer_state.json", process)
     kill_tree(process)  # the ranks too: they run in sessions of their own
     assert not (run_dir / "checkpoints" / "step_0000006").exists() and not (run_dir / "final").exists()

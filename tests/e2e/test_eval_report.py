@@ -1,4 +1,4 @@
-"""``keeltune eval`` and ``keeltune report`` on a short trained run of the tiny model."""
+"""``keeltune eval`` and ``keeltune report`` on a short trained run of the tiny model (the session's ddp run)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import base_config, keeltune, read_metrics, write_config
+from tests.conftest import DDP_RUN_STEPS, SharedRun, keeltune, read_metrics
 
-STEPS = 4
+STEPS = DDP_RUN_STEPS
+HALF = STEPS // 2  # the other checkpoint and eval
 
 
-@pytest.fixture(scope="module")
-def trained(assets: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A ddp run of 4 steps, evaluated at steps 0, 2 and 4, checkpointed at 2 and 4; (run folder, config)."""
-    root = tmp_path_factory.mktemp("eval")
-    config = base_config(
-        assets,
-        root / "runs",
-        training={"max_steps": STEPS, "warmup_steps": 1, "checkpoint": {"every_steps": 2, "keep_last": 2}},
-        eval={"every_steps": 2, "micro_batch_size": 8},
-        data={"prepare_workers": 1},  # tokenize inline: the forked pool hung twice here on a loaded machine
-    )
-    cfg = write_config(root / "cfg.yaml", config)
-    done = keeltune("train", str(cfg))
-    assert done.returncode == 0, done.stderr
-    return root / "runs" / "test", cfg
+@pytest.fixture
+def trained(ddp_run: SharedRun) -> tuple[Path, Path]:
+    """The session's ddp run (tests/conftest.py): 6 steps, evaluated at steps 0, 3 and 6, checkpointed at 3 and 6;
+    (run folder, config). Read-only: a test that writes into the run folder works on ``ddp_run.copy(tmp_path)``."""
+    return ddp_run.run_dir, ddp_run.config
 
 
 def _eval_json(*args: str) -> dict[str, float]:
@@ -40,7 +31,7 @@ def _logged(run_dir: Path, step: int) -> dict[str, float]:
     return next(r for r in read_metrics(run_dir) if r["step"] == step and "val/loss" in r)
 
 
-@pytest.mark.parametrize("step", [None, 2])
+@pytest.mark.parametrize("step", [None, HALF])
 def test_eval_of_a_checkpoint_equals_what_the_trainer_logged(
     trained: tuple[Path, Path], step: int | None
 ) -> None:
@@ -85,14 +76,16 @@ def test_eval_prints_a_table_and_refuses_wrong_targets(assets: dict, trained: tu
     done = keeltune("eval", str(run_dir), "--max-samples", "2")
     assert done.returncode == 0, done.stderr
     assert "retention/general" in done.stdout and "forgetting" in done.stdout
-    missing = keeltune("eval", str(run_dir), "--checkpoint", "3")
-    assert missing.returncode == 2 and "complete checkpoints: [2, 4]" in missing.stderr
+    missing = keeltune("eval", str(run_dir), "--checkpoint", str(HALF + 1))
+    assert missing.returncode == 2 and f"complete checkpoints: [{HALF}, {STEPS}]" in missing.stderr
     no_config = keeltune("eval", str(assets["model"]))
     assert no_config.returncode == 2 and "--config CONFIG" in no_config.stderr
 
 
-def test_report_writes_plots_and_a_summary_with_the_logged_numbers(trained: tuple[Path, Path]) -> None:
-    run_dir, _ = trained
+def test_report_writes_plots_and_a_summary_with_the_logged_numbers(
+    ddp_run: SharedRun, tmp_path: Path
+) -> None:
+    run_dir = ddp_run.copy(tmp_path).run_dir  # the report goes into the run folder
     done = keeltune("report", str(run_dir))
     assert done.returncode == 0, done.stderr
     out = run_dir / "report"
@@ -125,13 +118,14 @@ def test_report_skips_plots_whose_data_is_missing(trained: tuple[Path, Path], tm
 
 
 def test_eval_of_a_model_with_another_tokenizer_prepares_its_own_sets(
-    assets: dict, trained: tuple[Path, Path], tmp_path: Path
+    assets: dict, ddp_run: SharedRun, tmp_path: Path
 ) -> None:
     import shutil
 
     from keeltune.demo.tokenizer import train_tokenizer
 
-    run_dir, cfg = trained
+    copy = ddp_run.copy(tmp_path)  # the other tokenizer's sets are prepared into the config's run folder
+    run_dir, cfg = copy.run_dir, copy.config
     other = tmp_path / "other-model"
     other.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -4,11 +4,12 @@ queued. A rank that never reaches the preflight barrier is named instead of hang
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import base_config, keeltune, train_losses, write_config
+from tests.conftest import SharedRun, base_config, keeltune, train_losses, write_config
 
 PREFLIGHT = """
 import os, sys, time
@@ -40,13 +41,16 @@ def test_local_launch_runs_the_job_with_two_tasks(assets: dict, tmp_path: Path) 
     assert "[rank1/" in keeltune("logs", str(run_dir), "--rank", "1").stdout
 
 
-def test_launch_refuses_bad_configs_and_stale_data_before_submitting(assets: dict, tmp_path: Path) -> None:
+def test_launch_refuses_bad_configs_and_stale_data_before_submitting(
+    assets: dict, ddp_run: SharedRun, tmp_path: Path
+) -> None:
     config = base_config(assets, tmp_path / "runs", run={"name": "refused", "root": str(tmp_path / "runs")})
     typo = write_config(tmp_path / "typo.yaml", {**config, "trainig": {"lr": 1e-4}})
     done = keeltune("launch", str(typo), "--local")
     assert done.returncode == 2 and "did you mean training" in done.stderr
-    prepared = keeltune("prepare", str(write_config(tmp_path / "cfg.yaml", config)))
-    assert prepared.returncode == 0, prepared.stderr
+    # this config's sets prepared with the assets' tokenizer: the ones the session's ddp run prepared (the same
+    # sources, seq_len and tokenizer), copied where `keeltune prepare` of this config would write them
+    shutil.copytree(ddp_run.run_dir / "data", tmp_path / "runs" / "refused" / "data")
     other = tmp_path / "other-tokenizer"
     other.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the same tokenizer, but its files changed

@@ -19,7 +19,7 @@ import pytest
 from keeltune.config import WandbConfig
 from keeltune.training.metrics import STEP_METRIC, MetricsLogger, resolve_wandb_mode
 from tests.conftest import base_config, keeltune, read_metrics, train_losses, wandb_history, write_config
-from tests.processes import live_processes
+from tests.processes import live_processes, start_training
 
 STEPS = 30
 CLOSE_FAILS = """
@@ -139,12 +139,7 @@ def test_ranks_whose_launcher_is_killed_checkpoint_and_end_instead_of_training_o
     config["data"]["prepare_workers"] = 1
     cfg = write_config(tmp_path / "cfg.yaml", config)
     run_dir = tmp_path / "runs" / "test"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "keeltune.cli", "train", str(cfg), "--nproc", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_training(cfg, 2)
     deadline = time.monotonic() + 120
     while not ((run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 2):
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"

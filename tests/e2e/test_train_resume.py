@@ -156,14 +156,14 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(
         assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
 
 
-def test_resume_with_a_changed_config_is_refused_with_the_difference(assets: dict, tmp_path: Path) -> None:
-    config = resume_config(assets, tmp_path / "runs", "changed")
-    config["training"]["max_steps"] = 4
-    config["training"]["warmup_steps"] = 1
-    cfg = write_config(tmp_path / "cfg.yaml", config)
-    assert keeltune("train", str(cfg)).returncode == 0
+def test_resume_with_a_changed_config_is_refused_with_the_difference(
+    assets: dict, tmp_path: Path, uninterrupted: Path
+) -> None:
+    run_dir, cfg = _copy_of(uninterrupted, tmp_path, assets)  # a finished run with checkpoints
+    metrics = (run_dir / "metrics.jsonl").read_text()
     refused = keeltune("train", str(cfg), "--set", "training.lr=1e-2", "--set", "eval.every_steps=2")
     assert refused.returncode == 2
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # refused before anything ran
     assert "training.lr: 0.003 -> 0.01" in refused.stderr
     assert "eval.every_steps" not in refused.stderr.split("differ")[1].split("A resume")[0]  # allowed change
     assert "--set run.name=NEW_NAME" in refused.stderr

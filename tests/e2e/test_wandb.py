@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import base_config, keeltune, write_config
+import yaml
+
+from tests.conftest import DDP_RUN_STEPS, SharedRun, base_config, keeltune, write_config
 
 SENTINEL = "KEELTUNESENTINEL0123456789abcdef0123456789"  # 42 chars, shaped like a W&B key
 NETRC_SENTINEL = "NETRCSENTINEL9876543210fedcba9876543210fe"
@@ -69,9 +71,9 @@ def test_auto_mode_goes_offline_resumes_the_same_run_and_never_writes_the_key(
         assert SENTINEL not in output and NETRC_SENTINEL not in output
 
 
-def test_disabled_mode_writes_no_wandb_folder(assets: dict, tmp_path: Path) -> None:
-    config = base_config(assets, tmp_path / "runs", training={"max_steps": 2, "warmup_steps": 1})
-    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)))
-    assert done.returncode == 0, done.stderr
-    assert not (tmp_path / "runs" / "test" / "wandb").exists()
-    assert (tmp_path / "runs" / "test" / "metrics.jsonl").read_text().count("train/loss") == 2
+def test_disabled_mode_writes_no_wandb_folder(ddp_run: SharedRun) -> None:
+    """The session's ddp run (tests/conftest.py) was trained with W&B disabled, the tests' default."""
+    saved = yaml.safe_load((ddp_run.run_dir / "config.yaml").read_text())
+    assert saved["logging"]["wandb"]["mode"] == "disabled"
+    assert not (ddp_run.run_dir / "wandb").exists()
+    assert (ddp_run.run_dir / "metrics.jsonl").read_text().count("train/loss") == DDP_RUN_STEPS

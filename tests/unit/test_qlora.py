@@ -123,7 +123,8 @@ def test_lora_gradients_after_an_eval_pass_match_a_dequantized_fp32_reference(
     grads = _gradients_after_eval(backend, ids, mask)
     reference = _reference_grads(backend, config, assets, ids, mask)
     assert grads.keys() == reference.keys() and len(grads) == 2 * 2 * 7
-    for name, grad in grads.items():
+    for name, grad in grads.items():  # 1e-4, not 1e-6: the 4-bit kernel and the dequantized fp32 matmul are
+        # different computations (another summation order over the dequantized blocks)
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
     worst_ok = max(float((grads[n] - reference[n]).norm() / reference[n].norm()) for n in reference)
@@ -241,7 +242,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(assets: dict, tmp_
     checkpointed = _gradients_after_eval(backend, ids, mask)
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-8, msg=name)
 
 
 def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_weight_change(
@@ -283,6 +284,7 @@ def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_wei
     before = {n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad}
     assert all(g is None for g in before.values())
     value = l2sp.add_gradients()
+    # 1e-5: the r x r form sums in another order than the explicit fp32 ||scale * B @ A||^2
     assert value == pytest.approx(2.0 / 2 * expected, rel=1e-5) and value > 0
     # its gradient against a finite difference of the explicit ||scale * B @ A||^2, on a few coordinates
     name, param = next((n, p) for n, p in backend.model.named_parameters() if "lora_A" in n)
