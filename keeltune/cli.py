@@ -35,8 +35,10 @@ def _add_resource_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_with_resources(args: argparse.Namespace):
-    """The config with the command line's Slurm resources applied, checked for its world size and paths."""
+    """The config with the command line's Slurm resources applied, checked for its world size, paths and
+    evaluation tasks."""
     from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.eval.scoring import check_tasks
 
     overrides = list(args.overrides)
     for key in ("nodes", "gpus_per_node", "ntasks_per_node", "partition", "time", "account", "qos"):
@@ -46,6 +48,7 @@ def _load_with_resources(args: argparse.Namespace):
     config = load_config(args.config, overrides)
     check_world_size(config, config.slurm.world_size)
     check_paths(config)
+    check_tasks(config)  # task files and user metrics, before the job waits in a queue
     return config
 
 
@@ -118,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     evaluation = verbs.add_parser(
-        "eval", help="the trainer's held-out evaluation (task loss, retention ppl) on a checkpoint or a model"
+        "eval",
+        help="the trainer's evaluation (held-out loss and ppl, eval.tasks) on a checkpoint or a model, or "
+        "lm-evaluation-harness tasks",
     )
     evaluation.add_argument("target", type=Path, help="run folder, or a Hugging Face model folder")
     evaluation.add_argument(
@@ -131,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-samples", type=int, help="per set (default: the config's eval.max_samples)"
     )
     evaluation.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    evaluation.add_argument(
+        "--tasks", help="only these eval.tasks of the config, comma-separated (the held-out sets are skipped)"
+    )
+    evaluation.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="run lm-evaluation-harness tasks (comma-separated) on the model instead",
+    )
+    evaluation.add_argument(
+        "--include-path", type=Path, help="--lm-eval: a folder of local task YAMLs (data on disk, offline)"
+    )
+    evaluation.add_argument("--limit", type=int, help="--lm-eval: at most this many items per task")
     evaluation.add_argument(
         "--nproc", type=int, default=1, help="local ranks sharing the samples, started with torch's launcher"
     )
@@ -184,11 +201,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from keeltune.config import check_paths, load_config
+    from keeltune.data_pipeline.contamination import contamination_report, summary_lines
     from keeltune.data_pipeline.prepare import prepare_sets
+    from keeltune.eval.scoring import check_tasks
     from keeltune.sharding.model import load_tokenizer
 
     config = load_config(args.config, args.overrides)
     check_paths(config)
+    for name, count in check_tasks(config).items():
+        print(f"eval task {name}: {count} items")
     console = Console(stderr=True)
     logger = logging.getLogger("keeltune")
     logger.setLevel(logging.INFO)
@@ -199,17 +220,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         results = prepare_sets(config.data, config.run_dir, tokenizer, refresh=True, progress=progress)
     for key, folder, outcome in results:
         print(f"{key}: {outcome} ({folder})")
+    report = contamination_report(config)  # eval items and held-out records found in the training data
+    for line in summary_lines(report) if report else []:
+        print(line)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.eval.scoring import check_tasks
     from keeltune.launcher.local import run_local
     from keeltune.launcher.run_dir import prepare_run_dir
 
     config = load_config(args.config, args.overrides)
     check_world_size(config, args.nproc)
     check_paths(config)
+    check_tasks(config)
     run_dir, checkpoint = prepare_run_dir(config)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
     print(f"run folder: {run_dir} ({where}, {args.nproc} rank(s))", file=sys.stderr)
@@ -413,6 +439,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from keeltune.config import ConfigError, backend_spec, load_config
+    from keeltune.data_pipeline.formats import save_tokenizer
     from keeltune.run_folder import CONFIG_FILE, follow_umask
     from keeltune.sharding.backends import export_checkpoint
     from keeltune.sharding.model import load_tokenizer
@@ -436,7 +463,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     for folder in export_checkpoint(config, checkpoint, args.out, merge=args.merge):
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder, config.data)
         follow_umask(folder)
         note = ""
         if args.interpolate is not None and (folder / "config.json").is_file():  # not the adapter folder
@@ -449,34 +476,67 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from keeltune.config import ConfigError
-    from keeltune.eval.names import FORGETTING, LOSS, PPL, metric
-    from keeltune.training.run_eval import evaluate_target, resolve_target
+    from keeltune.eval.names import CHANGE, FORGETTING, LOSS, PPL, STDERR, TASK, metric
+    from keeltune.training.run_eval import evaluate_target, lm_eval_target, resolve_target, select_tasks
 
     target = resolve_target(args.target, step=args.checkpoint, config_file=args.config)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
-    results = evaluate_target(target, max_samples=args.max_samples, nproc=args.nproc)
+    if args.lm_eval:
+        names = [name for name in args.lm_eval.split(",") if name]
+        results, saved = lm_eval_target(target, names, include_path=args.include_path, limit=args.limit)
+        print(
+            json.dumps(results, indent=1)
+            if args.json
+            else "\n".join(f"{k}: {v:.4g}" for k, v in results.items())
+        )
+        if saved is not None:
+            print(f"lm-eval results written to {saved} and the run's metrics.jsonl", file=sys.stderr)
+        return 0
+    names = [name for name in args.tasks.split(",") if name] if args.tasks else None
+    target = dataclasses.replace(target, config=select_tasks(target.config, names))
+    results = evaluate_target(target, max_samples=args.max_samples, nproc=args.nproc, sets=names is None)
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    table = Table(title=f"keeltune eval: {target.label}")
-    for column in ("set", "loss", "perplexity", "forgetting vs baseline"):
-        table.add_column(column, justify="left" if column == "set" else "right")
-    for name in dict.fromkeys(key.rsplit("/", 1)[0] for key in results):
-        forgetting = results.get(metric(name, FORGETTING))
-        table.add_row(
-            name,
-            f"{results[metric(name, LOSS)]:.4f}",
-            f"{results[metric(name, PPL)]:.3f}",
-            "" if forgetting is None else f"{forgetting:+.2f}%",
-        )
-    Console().print(table)
+    console = Console()
+    held_out = [
+        key.rsplit("/", 1)[0] for key in results if key.endswith("/" + LOSS) and not key.startswith(TASK)
+    ]
+    if held_out:
+        table = Table(title=f"keeltune eval: {target.label}")
+        for column in ("set", "loss", "perplexity", "forgetting vs baseline"):
+            table.add_column(column, justify="left" if column == "set" else "right")
+        for name in held_out:
+            forgetting = results.get(metric(name, FORGETTING))
+            table.add_row(
+                name,
+                f"{results[metric(name, LOSS)]:.4f}",
+                f"{results[metric(name, PPL)]:.3f}",
+                "" if forgetting is None else f"{forgetting:+.2f}%",
+            )
+        console.print(table)
+    scores = [k for k in results if k.startswith(TASK + "/") and not k.endswith((STDERR, CHANGE))]
+    if scores:
+        table = Table(title=f"tasks: {target.label}")
+        for column in ("metric", "value", "stderr", "change since step 0"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for key in scores:
+            stderr, change = results.get(key + STDERR), results.get(key + CHANGE)
+            table.add_row(
+                key,
+                f"{results[key]:.4f}",
+                "" if stderr is None else f"±{stderr:.4f}",
+                "" if change is None else f"{change:+.4f}",
+            )
+        console.print(table)
     return 0
 
 

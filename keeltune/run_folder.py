@@ -29,6 +29,15 @@ REPORT_FILE = "report.md"  # in REPORT_DIR
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
+EVAL_DIR = "eval"  # per-item task results: eval/<step>/<task>.jsonl
+LM_EVAL_DIR = "lm_eval"  # keeltune eval --lm-eval results: lm_eval/step_<N>.json
+
+
+def eval_items_file(run_dir: Path, step: int, task: str) -> Path:
+    """Where one eval's per-item results of ``task`` go."""
+    return run_dir / EVAL_DIR / str(step) / f"{task}.jsonl"
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS_DIR
 

@@ -172,6 +172,18 @@ def _instructions(start: int, count: int) -> list[dict[str, str]]:
     ]
 
 
+def _cloze_items(texts: list[str], count: int) -> list[dict[str, Any]]:
+    """Multiple-choice cloze items on general text: the true next words among other passages' words (choices of
+    different lengths, gold position varied)."""
+    items = []
+    for i in range(count):
+        words = texts[40 + i].split()
+        others = [" ".join(texts[50 + i + k].split()[12 : 13 + k]) for k in range(3)]
+        choices = others[: i % 4] + [" ".join(words[12:14])] + others[i % 4 :]
+        items.append({"text": " ".join(words[:12]), "choices": choices, "gold": i % 4})
+    return items
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -210,6 +222,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "retention": write_jsonl(root / "retention.jsonl", [{"text": t} for t in texts[60:66]]),
         "task": write_jsonl(root / "task.jsonl", _instructions(0, 120)),
         "task_val": write_jsonl(root / "task_val.jsonl", _instructions(1000, 20)),
+        "cloze": write_jsonl(root / "cloze.jsonl", _cloze_items(texts, 7)),
+        "qa": write_jsonl(
+            root / "qa.jsonl",
+            [{"instruction": r["instruction"], "answer": r["output"]} for r in _instructions(2000, 5)],
+        ),
     }
 
 
@@ -337,9 +354,31 @@ def kept_unchanged(run: SharedRun) -> Iterator[SharedRun]:
 DDP_RUN_STEPS = 6
 
 
+def session_tasks(assets: dict[str, Path]) -> list[dict[str, Any]]:
+    """Two evaluation tasks: a retention cloze (multiple choice, its own interval: every 2 steps) and a short
+    generation task in the training data's instruction format."""
+    return [
+        {
+            "name": "cloze",
+            "path": str(assets["cloze"]),
+            "kind": "multiple_choice",
+            "retention": True,
+            "every_steps": 2,
+        },
+        {
+            "name": "qa",
+            "path": str(assets["qa"]),
+            "kind": "generate",
+            "format": "instruction",
+            "metrics": ["exact_match", "f1", "rouge_l", "chrf"],
+            "generation": {"max_new_tokens": 8},
+        },
+    ]
+
+
 def ddp_run_config(assets: dict[str, Path], run_root: Path) -> dict[str, Any]:
-    """The shared ddp run: 6 steps, evaluated at steps 0, 3 and 6, checkpointed at 3 and 6 (both kept), reading
-    in the training process (no DataLoader worker)."""
+    """The shared ddp run: 6 steps, evaluated at steps 0, 3 and 6 (the cloze task also at 2 and 4), checkpointed
+    at 3 and 6 (both kept), reading in the training process (no DataLoader worker)."""
     return base_config(
         assets,
         run_root,
@@ -348,7 +387,12 @@ def ddp_run_config(assets: dict[str, Path], run_root: Path) -> dict[str, Any]:
             "warmup_steps": 1,
             "checkpoint": {"every_steps": DDP_RUN_STEPS // 2, "keep_last": 2},
         },
-        eval={"every_steps": DDP_RUN_STEPS // 2, "micro_batch_size": 4},
+        eval={
+            "every_steps": DDP_RUN_STEPS // 2,
+            "micro_batch_size": 4,
+            "tasks": session_tasks(assets),
+            "bootstrap_iters": 100,
+        },
         # tokenize inline (the forked pool hung twice here on a loaded machine); read in the training process
         data={"prepare_workers": 1, "loader_workers": 0},
     )

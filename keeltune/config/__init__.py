@@ -22,7 +22,9 @@ from keeltune.config.schema import (
     RegularizationConfig,
     RetentionGuardConfig,
     SourceConfig,
+    TaskConfig,
     WandbConfig,
+    available_metrics,
     mixing_counts,
 )
 
@@ -41,7 +43,9 @@ __all__ = [
     "RegularizationConfig",
     "RetentionGuardConfig",
     "SourceConfig",
+    "TaskConfig",
     "WandbConfig",
+    "available_metrics",
     "check_paths",
     "check_world_size",
     "config_from_dict",

@@ -64,6 +64,9 @@ class FieldNames:
     conversations: str = "conversations"
     speaker: str = "from"
     value: str = "value"
+    choices: str = "choices"  # evaluation tasks: a multiple-choice item's list of choices
+    gold: str = "gold"  # evaluation tasks: the index of the right choice
+    answer: str = "answer"  # evaluation tasks: a generate item's reference (a string or a list of strings)
 
 
 @dataclass(kw_only=True)
@@ -409,12 +412,18 @@ class EWCConfig:
             raise ConfigError(f"samples: must be >= 1, got {self.samples}")
 
 
+MetricMode = Literal["min", "max"]
+
+
 @dataclass(kw_only=True)
 class EarlyStoppingConfig:
-    """Stop when the task validation loss has not improved by ``min_delta`` for ``patience`` evals."""
+    """Stop when ``metric`` (``val/loss``, or a task metric such as ``task/qa/f1``) has not improved by
+    ``min_delta`` for ``patience`` evals; ``mode`` says whether lower (``min``) or higher (``max``) is better."""
 
     patience: int = 0  # 0: off
     min_delta: float = 0.0
+    metric: str = "val/loss"
+    mode: MetricMode = "min"
 
     def __post_init__(self) -> None:
         if self.patience < 0:
@@ -425,11 +434,17 @@ class EarlyStoppingConfig:
 
 @dataclass(kw_only=True)
 class RetentionGuardConfig:
-    """Act when any retention set's perplexity rose more than ``max_forgetting_pct`` over the start: ``warn``
-    and go on, ``stop`` the run, or go on and keep the ``best`` model in ``best/``: at each eval within the
-    threshold, the lowest val/loss + retention_weight * (mean rise of the retention sets' loss, in nats)."""
+    """Act when the model forgets: any retention set's perplexity rose more than ``max_forgetting_pct`` over
+    the start, or a retention task's ``metric`` (e.g. ``task/general_mc/acc``) worsened by more than
+    ``max_drop`` in its own units (``mode`` says which direction is better). Actions: ``warn`` and go on,
+    ``stop`` the run, or go on and keep the ``best`` model in ``best/``: at each eval within the thresholds,
+    the best early-stopping metric (``val/loss`` by default, lower is better) + retention_weight * (mean rise
+    of the retention sets' loss, in nats)."""
 
     max_forgetting_pct: float | None = None  # None: off
+    metric: str = ""  # a retention task's metric, task/<task>/<metric>; "": none
+    mode: MetricMode = "max"
+    max_drop: float | None = None  # with metric: the largest allowed worsening since step 0, metric units
     action: Literal["warn", "stop", "best"] = "warn"
     retention_weight: float = 1.0  # action best: a nat of retention loss weighs this many nats of task loss
 
@@ -438,6 +453,16 @@ class RetentionGuardConfig:
             raise ConfigError(f"max_forgetting_pct: must be > 0 (percent), got {self.max_forgetting_pct}")
         if self.retention_weight < 0:
             raise ConfigError(f"retention_weight: must be >= 0, got {self.retention_weight}")
+        if (self.metric == "") != (self.max_drop is None):
+            raise ConfigError(
+                "metric and max_drop: set both (the guard watches that retention task metric) or neither"
+            )
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"max_drop: must be >= 0 (in the metric's units), got {self.max_drop}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_forgetting_pct is not None or self.max_drop is not None
 
 
 @dataclass(kw_only=True)
@@ -478,21 +503,159 @@ def check_regularization(config: Config) -> None:
             f"regularization.ewc.sets: {unknown} are not data.retention names "
             f"({[r.name for r in config.data.retention]}); name retention sets or leave the list empty for all"
         )
-    if reg.early_stopping.patience > 0 and config.data.validation is None:
+    _check_watched_metrics(config)
+
+
+def available_metrics(config: Config) -> dict[str, str]:
+    """Every metric name an eval of this config reports that early stopping and guards may watch, with what
+    makes it (for error messages)."""
+    found: dict[str, str] = {}
+    if config.data.validation is not None:
+        found.update(dict.fromkeys(("val/loss", "val/ppl"), "data.validation"))
+    for i, source in enumerate(config.data.retention):
+        for stat in ("loss", "ppl"):
+            found[f"retention/{source.name}/{stat}"] = f"data.retention.{i}"
+    for i, task in enumerate(config.eval.tasks):
+        for name in task.metric_names:
+            found[f"task/{task.name}/{name}"] = f"eval.tasks.{i}"
+    return found
+
+
+def _check_watched_metrics(config: Config) -> None:
+    reg = config.regularization
+    available = available_metrics(config)
+    stopping = reg.early_stopping
+    if stopping.patience > 0 and stopping.metric not in available:
         raise ConfigError(
-            "regularization.early_stopping: watches val/loss; add a data.validation set or set patience: 0"
+            f"regularization.early_stopping.metric: {stopping.metric!r} is not reported by this config "
+            f"(it reports {sorted(available) or 'nothing: add data.validation or eval.tasks'}); "
+            "name one of them or set patience: 0"
         )
     guard = reg.retention_guard
-    if guard.action == "best" and (guard.max_forgetting_pct is None or config.data.validation is None):
+    retention_tasks = {f"task/{t.name}/{m}" for t in config.eval.tasks if t.retention for m in t.metric_names}
+    if guard.metric and guard.metric not in retention_tasks:
         raise ConfigError(
-            "regularization.retention_guard.action: best keeps the model with the best val/loss + retention "
-            "score among evals under max_forgetting_pct; set max_forgetting_pct and a data.validation set"
+            f"regularization.retention_guard.metric: {guard.metric!r} is not a metric of a retention task "
+            f"(eval.tasks with retention: true report {sorted(retention_tasks) or 'none'})"
         )
-    if reg.retention_guard.max_forgetting_pct is not None and not config.data.retention:
+    if guard.action == "best" and (not guard.enabled or stopping.metric not in available):
         raise ConfigError(
-            "regularization.retention_guard: watches retention sets; add a data.retention set or remove "
-            "max_forgetting_pct"
+            "regularization.retention_guard.action: best keeps the model with the best "
+            f"{stopping.metric} + retention score among evals within the guard's thresholds; set "
+            "max_forgetting_pct or metric + max_drop, and make regularization.early_stopping.metric reported "
+            "(a data.validation set for val/loss)"
         )
+    if guard.max_forgetting_pct is not None and not config.data.retention:
+        raise ConfigError(
+            "regularization.retention_guard: max_forgetting_pct watches retention sets; add a data.retention "
+            "set or remove max_forgetting_pct"
+        )
+
+
+TASK_KINDS = ("generate", "multiple_choice", "loglikelihood")
+GENERATE_METRICS = ("exact_match", "f1", "rouge_l", "bleu", "chrf")
+DEFAULT_METRICS = {
+    "generate": ["exact_match", "f1"],
+    "multiple_choice": ["acc", "acc_norm"],
+    "loglikelihood": ["loss", "ppl"],
+}
+
+
+@dataclass(kw_only=True)
+class TaskGenerationConfig:
+    """How a ``generate`` task's answers are produced: greedy by default."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy; > 0: sampling (seeded per batch: the same draws on any world size)
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=lambda: ["\n\n"])  # the answer ends before the first of these
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"stop: must be non-empty strings, got {self.stop}")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """An evaluation task: a JSONL file of items, rendered like training data of ``format``.
+
+    ``generate``: the prompt's answer is generated and scored against ``answer`` (one string or a list) with
+    ``metrics`` (exact_match, f1, rouge_l, bleu, chrf, or a user ``module:function(prediction, references) ->
+    float``). ``multiple_choice``: each of ``choices`` is scored by its log-likelihood after the prompt and
+    ``target_delimiter`` (acc; acc_norm divides by the choice's length in characters, as lm-evaluation-harness
+    does); ``gold`` is the right one's index. ``loglikelihood``: the records' loss and perplexity, like
+    ``data.validation``. ``retention: true`` marks general-ability tasks: their change since step 0 is
+    reported as forgetting, in the metric's own units."""
+
+    name: str
+    path: str
+    kind: Literal["generate", "multiple_choice", "loglikelihood"]
+    format: Literal["text", "instruction", "chat", "sharegpt"] = "text"
+    fields: FieldNames = field(default_factory=FieldNames)
+    metrics: list[str] = field(default_factory=list)  # []: the kind's defaults
+    retention: bool = False
+    every_steps: int = 0  # 0: eval.every_steps
+    max_items: int | None = None  # the first max_items items; None: all
+    target_delimiter: str | None = None  # multiple_choice: between prompt and choice; None: " " for text
+    generation: TaskGenerationConfig = field(default_factory=TaskGenerationConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names files)"
+            )
+        if not self.path:
+            raise ConfigError("path: required (a JSONL file of items)")
+        if self.every_steps < 0:
+            raise ConfigError(f"every_steps: must be >= 0 (0: eval.every_steps), got {self.every_steps}")
+        if self.max_items is not None and self.max_items < 1:
+            raise ConfigError(f"max_items: must be >= 1 or null, got {self.max_items}")
+        allowed = {
+            "generate": GENERATE_METRICS,
+            "multiple_choice": DEFAULT_METRICS["multiple_choice"],
+            "loglikelihood": DEFAULT_METRICS["loglikelihood"],
+        }[self.kind]
+        for name in self.metrics:
+            user = self.kind == "generate" and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name)
+            if name not in allowed and not user:
+                extra = " or a user metric module:function" if self.kind == "generate" else ""
+                raise ConfigError(
+                    f"metrics: {name!r} is not a {self.kind} metric (known: {', '.join(allowed)}{extra})"
+                )
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics reported (a user metric ``pkg.mod:fn`` is reported as ``fn``)."""
+        return [m.rsplit(":", 1)[-1] for m in (self.metrics or DEFAULT_METRICS[self.kind])]
+
+    @property
+    def delimiter(self) -> str:
+        if self.target_delimiter is not None:
+            return self.target_delimiter
+        return " " if self.format == "text" else ""
+
+
+@dataclass(kw_only=True)
+class ContaminationConfig:
+    """The overlap check between evaluation items and the training data, at prepare time: word ``n``-grams
+    (lowercased words of letters and digits) of each task and retention item looked up in the train sources."""
+
+    n: int = 8
+    threshold: float = 0.5  # an item whose share of n-grams found in the training data exceeds this is listed
+    exclude: bool = False  # leave listed items out of evaluation
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"eval.contamination.n: must be >= 1, got {self.n}")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"eval.contamination.threshold: must be in [0, 1], got {self.threshold}")
 
 
 @dataclass(kw_only=True)
@@ -503,12 +666,28 @@ class EvalConfig:
     at_start: bool = True
     micro_batch_size: int = 8
     max_samples: int | None = None  # per set; None evaluates every sample
+    tasks: list[TaskConfig] = field(default_factory=list)
+    task_batch_size: int = 16  # items (multiple choice: choices) per forward or generate call on a rank
+    bootstrap_iters: int = 1000  # resamples for the standard error of corpus metrics (bleu, chrf, ppl)
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ConfigError("eval.every_steps: must be >= 1")
         if self.micro_batch_size < 1:
             raise ConfigError("eval.micro_batch_size: must be >= 1")
+        if self.task_batch_size < 1:
+            raise ConfigError("eval.task_batch_size: must be >= 1")
+        if self.bootstrap_iters < 2:
+            raise ConfigError("eval.bootstrap_iters: must be >= 2")
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"eval.tasks: names must be unique, {duplicates} used twice")
+
+    def task_due(self, task: TaskConfig, step: int) -> bool:
+        """True when ``task`` is evaluated after ``step`` (its own interval, or eval.every_steps)."""
+        return step % (task.every_steps or self.every_steps) == 0
 
 
 @dataclass(kw_only=True)

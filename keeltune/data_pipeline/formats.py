@@ -2,15 +2,26 @@
 
 Conversations use the tokenizer's chat template when it has one, a simple built-in template otherwise. Only
 assistant turns (and the EOS that ends them) are learned; system, user and prompt tokens are masked out.
+
+The built-in formats are encoded piece by piece (header, content, ...). ``CHAT_TEMPLATE`` and
+``INSTRUCTION_TEMPLATE`` render the same text, for the saved tokenizer (``save_tokenizer``), so inference formats
+prompts as training did. A template's text is tokenized in one piece, which gives the same ids wherever the
+pre-tokenizer splits at the pieces' boundaries anyway. For byte-level BPE with the GPT-2 split pattern that holds
+unless a content starts with two or more whitespace characters or a system/user content ends in whitespace: such
+whitespace runs are split differently at the boundary, which changes ids where the vocabulary merges them.
+Tokenizers that prepend a space marker to every encoded piece (SentencePiece ``Metaspace``, ``add_prefix_space``)
+differ at every piece. A tokenizer carrying one of these two templates is still encoded piece by piece here,
+exactly as by the run that saved it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from keeltune.config import FieldNames
+from keeltune.config import DataConfig, FieldNames
 from keeltune.data_pipeline.sources import DataError
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -21,6 +32,31 @@ ROLES = {  # the names datasets use -> the roles chat templates know
     **dict.fromkeys(["user", "human"], "user"),
     **dict.fromkeys(["assistant", "gpt", "bot", "model", "chatgpt"], "assistant"),
 }
+_BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
+_ROLE_CHECK = (
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': the model knows system, user and assistant') }}"
+    "{% endif %}"
+)
+# _chat_builtin as a Jinja template: BOS, then ``<|role|>\n`` + content + ``\n`` for system and user turns,
+# content + EOS for assistant turns; the generation prompt is the assistant header.
+CHAT_TEMPLATE = (
+    _BOS + "{% for message in messages %}" + _ROLE_CHECK + "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+# PROMPT_TEMPLATE(_WITH_INPUT) as a Jinja template: a user turn is the instruction (its optional ``input`` key the
+# ``### Input:`` section), ``### Response:\n`` opens each assistant turn (and is the generation prompt), which ends
+# with EOS. A system turn, which instruction records do not have, becomes a preamble: its content and a blank line.
+INSTRUCTION_TEMPLATE = (
+    _BOS + "{% for message in messages %}" + _ROLE_CHECK + "{% if message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% if message['input'] %}{{ '### Input:\\n' + message['input'] + '\\n\\n' }}{% endif %}"
+    "{% else %}{{ '### Response:\\n' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +79,12 @@ def _string(record: dict[str, Any], name: str, where: str, required: bool = True
 
 
 def _messages(
-    record: dict[str, Any], list_field: str, role_field: str, text_field: str, where: str
+    record: dict[str, Any],
+    list_field: str,
+    role_field: str,
+    text_field: str,
+    where: str,
+    need_answer: bool = True,
 ) -> list[dict[str, str]]:
     turns = record.get(list_field)
     if turns is None:
@@ -60,9 +101,23 @@ def _messages(
         messages.append(
             {"role": ROLES[role.lower()], "content": _string(turn, text_field, f"{where}: {list_field}[{i}]")}
         )
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: {list_field} has no assistant turn, so nothing to learn")
     return messages
+
+
+def _record_messages(
+    record: dict[str, Any], fmt: str, fields: FieldNames, where: str, need_answer: bool = True
+) -> list[dict[str, str]]:
+    if fmt == "chat":
+        return _messages(record, fields.messages, fields.role, fields.content, where, need_answer)
+    return _messages(record, fields.conversations, fields.speaker, fields.value, where, need_answer)
+
+
+def own_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer has a chat template other than keeltune's, which render as the built-in formats."""
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and template not in (CHAT_TEMPLATE, INSTRUCTION_TEMPLATE)
 
 
 def _bos(tokenizer: Any) -> list[int]:
@@ -131,7 +186,7 @@ def _chat_builtin(messages: list[dict[str, str]], tokenizer: Any) -> Document:
 
 
 def _chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> Document:
-    if getattr(tokenizer, "chat_template", None):
+    if own_chat_template(tokenizer):
         return _chat_with_template(messages, tokenizer, where)
     return _chat_builtin(messages, tokenizer)
 
@@ -144,20 +199,86 @@ def encode_record(
     if fmt == "text":
         ids = _bos(tokenizer) + _encode(tokenizer, _string(record, fields.text, where)) + eos
         return Document(ids, [1] * len(ids))
-    if fmt == "chat":
-        return _chat(_messages(record, fields.messages, fields.role, fields.content, where), tokenizer, where)
-    if fmt == "sharegpt":
-        messages = _messages(record, fields.conversations, fields.speaker, fields.value, where)
-        return _chat(messages, tokenizer, where)
-    instruction = _string(record, fields.instruction, where)
-    extra = _string(record, fields.input, where, required=False)
+    if fmt in ("chat", "sharegpt"):
+        return _chat(_record_messages(record, fmt, fields, where), tokenizer, where)
     output = _string(record, fields.output, where)
-    if getattr(tokenizer, "chat_template", None):
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        return _chat_with_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": output}], tokenizer, where
-        )
-    template = PROMPT_TEMPLATE_WITH_INPUT if extra else PROMPT_TEMPLATE
-    prompt = _bos(tokenizer) + _encode(tokenizer, template.format(instruction=instruction, input=extra))
+    if own_chat_template(tokenizer):
+        messages = [_instruction_user(record, fields, where), {"role": "assistant", "content": output}]
+        return _chat_with_template(messages, tokenizer, where)
+    prompt = _instruction_prompt(record, fields, tokenizer, where)
     answer = _encode(tokenizer, output) + eos
     return Document(prompt + answer, [0] * len(prompt) + [1] * len(answer))
+
+
+def _instruction_user(record: dict[str, Any], fields: FieldNames, where: str) -> dict[str, str]:
+    """An instruction record's prompt as a user turn, for a tokenizer's own chat template."""
+    instruction = _string(record, fields.instruction, where)
+    extra = _string(record, fields.input, where, required=False)
+    return {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}
+
+
+def _instruction_prompt(record: dict[str, Any], fields: FieldNames, tokenizer: Any, where: str) -> list[int]:
+    """BOS and the Alpaca-style prompt of an instruction record, up to ``### Response:\\n``."""
+    instruction = _string(record, fields.instruction, where)
+    extra = _string(record, fields.input, where, required=False)
+    template = PROMPT_TEMPLATE_WITH_INPUT if extra else PROMPT_TEMPLATE
+    return _bos(tokenizer) + _encode(tokenizer, template.format(instruction=instruction, input=extra))
+
+
+def prompt_ids(record: dict[str, Any], fmt: str, fields: FieldNames, tokenizer: Any, where: str) -> list[int]:
+    """Token ids of an evaluation item's prompt, rendered as training renders what precedes the answer.
+
+    ``text``: BOS and the text (no EOS). ``instruction``: the prompt up to ``### Response:\\n`` (the output field
+    may be absent). ``chat``/``sharegpt``: the turns, less a trailing assistant turn, then the generation prompt;
+    a conversation without an assistant turn is valid here. For a training record, ``encode_record`` gives these
+    ids followed by the answer's tokens and EOS (with a tokenizer's own template: as far as that template
+    renders the prompt as a prefix of the whole conversation).
+    """
+    if fmt == "text":
+        return _bos(tokenizer) + _encode(tokenizer, _string(record, fields.text, where))
+    if fmt == "instruction":
+        if own_chat_template(tokenizer):
+            return _encode(
+                tokenizer, _render(tokenizer, [_instruction_user(record, fields, where)], where, True)
+            )
+        return _instruction_prompt(record, fields, tokenizer, where)
+    messages = _record_messages(record, fmt, fields, where, need_answer=False)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if own_chat_template(tokenizer):
+        return _encode(tokenizer, _render(tokenizer, messages, where, True))
+    header = _encode(tokenizer, BUILTIN_TURN_HEADER.format(role="assistant"))
+    return list(_chat_builtin(messages, tokenizer).ids) + header
+
+
+def training_chat_template(data: DataConfig, tokenizer: Any) -> str | None:
+    """The chat template that renders what ``data.train`` is trained on, for the saved tokenizer.
+
+    None when the tokenizer has its own template (training used it; it is kept) or every train source is text.
+    ``CHAT_TEMPLATE`` when any source is chat or sharegpt, also in a run that mixes in instruction sources (whose
+    records were trained in the Alpaca format, which that template does not render); ``INSTRUCTION_TEMPLATE`` when
+    the sources are instruction (and text).
+    """
+    if own_chat_template(tokenizer):
+        return None
+    formats = {source.format for source in data.train}
+    if formats & {"chat", "sharegpt"}:
+        return CHAT_TEMPLATE
+    if "instruction" in formats:
+        return INSTRUCTION_TEMPLATE
+    return None
+
+
+def save_tokenizer(tokenizer: Any, folder: Path, data: DataConfig) -> None:
+    """``tokenizer.save_pretrained(folder)``, the saved copy with ``training_chat_template`` as its chat template;
+    the tokenizer object itself is left as it was."""
+    template = training_chat_template(data, tokenizer)
+    if template is None:
+        tokenizer.save_pretrained(folder)
+        return
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = kept

@@ -34,7 +34,7 @@ import numpy as np
 
 from keeltune.atomic import atomic_path, fsync_folder, write_json_atomically
 from keeltune.config import DataConfig, FieldNames, SourceConfig
-from keeltune.data_pipeline.formats import Document, encode_record
+from keeltune.data_pipeline.formats import Document, encode_record, own_chat_template
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
 
 FORMAT_VERSION = 2
@@ -47,16 +47,22 @@ log = logging.getLogger("keeltune")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the tokenizer's vocabulary, merges, special tokens and chat template."""
+    """A hash of the tokenizer's vocabulary, merges, special tokens and chat template (keeltune's own templates,
+    which a trained model's tokenizer carries, render as the built-in formats: they count as none)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     payload = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    specials = json.dumps(
-        [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template]
-    )
+    template = tokenizer.chat_template if own_chat_template(tokenizer) else None
+    specials = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, template])
     return hashlib.sha256((payload + specials).encode()).hexdigest()[:16]
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def tokenizer_files_digest(folder: str | Path) -> str:

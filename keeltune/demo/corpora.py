@@ -7,6 +7,8 @@
   answer records about public functions, classes and methods of a fixed list
   of pure-Python standard-library modules, answered from their docstrings and
   ``inspect.signature``.
+* :func:`module_quiz` and :func:`docs_cloze` -- multiple-choice evaluation items: which module defines a
+  name of the instruction set (domain), and how a held-out documentation passage goes on (retention).
 
 Everything is deterministic for a given CPython version: no randomness, no
 network, no use of the salted built-in ``hash``.
@@ -19,6 +21,7 @@ import importlib
 import inspect
 import json
 import os
+import random
 import re
 import sys
 import warnings
@@ -229,10 +232,13 @@ def instruction_dataset() -> dict[str, list[dict[str, str]]]:
     """
     splits: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
     for qualname, obj, kind in _documented_objects():
-        digest = hashlib.sha256(qualname.encode()).digest()
-        split = "val" if int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION else "train"
-        splits[split].extend(_records(qualname, obj, kind))
+        splits[_split_of(qualname)].extend(_records(qualname, obj, kind))
     return splits
+
+
+def _split_of(qualname: str) -> str:
+    """The instruction split of an object's records: "val" for a stable ``VAL_FRACTION`` of the names."""
+    return "val" if _stable(qualname) / 2**64 < VAL_FRACTION else "train"
 
 
 def _documented_objects() -> Iterator[tuple[str, Any, str]]:
@@ -334,6 +340,149 @@ def _reproducible(text: str) -> bool:
     """False when ``text`` shows a memory address or this interpreter's paths (a ``sys.executable`` default)."""
     local = {sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.expanduser("~")}
     return " at 0x" not in text and not any(len(path) > 1 and path in text for path in local)
+
+
+# --------------------------------------------------------------------------- multiple-choice evaluation items
+
+CHOICES = 4  # per multiple-choice item: chance is 1 / CHOICES
+# Cloze items: chosen on the base model (the signal above chance, evaluation cost), not on any fine-tune. One
+# next word (as LAMBADA) left the base ~29 points above chance where three-word phrases left it ~10, since a
+# phrase's own frequency outweighs the passage; a longer passage did not help the tiny base and cost more.
+CLOZE_CONTEXT_CHARS = 160  # a cloze item's passage: about this much text before the answer
+CLOZE_ANSWER_WORDS = 1  # the words a cloze item asks for
+CLOZE_GAP_WORDS = 8  # at least this many words between two cloze answers of one document
+CONTAMINATION_N = (
+    8  # a cloze item with any word 8-gram in the training text is left out (as the trainer checks)
+)
+
+
+def _stable(text: str) -> int:
+    """A deterministic 64-bit number for ``text`` (the built-in ``hash`` is salted)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _balanced_golds(count: int, seed: str) -> list[int]:
+    """``count`` gold positions, each position used equally often (to one), in a deterministic shuffle."""
+    golds = [i % CHOICES for i in range(count)]
+    random.Random(_stable(seed)).shuffle(golds)
+    return golds
+
+
+def _item(prompt: dict[str, str], gold: str, distractors: list[str], position: int) -> dict[str, Any]:
+    choices = list(distractors)
+    choices.insert(position, gold)
+    return {**prompt, "choices": choices, "gold": position}
+
+
+def module_quiz(count: int, instructions: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """``count`` items "Which module defines `X`?" (``instruction`` format) about the instruction set's names.
+
+    X is a public documented function or class of one of ``INSTRUCTION_MODULES`` whose records go to the
+    instruction set's "train" split (so a fine-tune is taught the fact, as "`X` is a function in the `m`
+    module. ..."), and no other module of the set has an attribute X (one right answer). The choices are
+    that sentence's opening with the defining module and with three other modules of the set, drawn by a
+    stable hash; the right one's position is balanced over the items. An item whose question text is one
+    of ``instructions`` (the training data's) is left out: questions are held out, facts are not.
+    """
+    modules: dict[str, Any] = {}
+    for module_name in INSTRUCTION_MODULES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                modules[module_name] = importlib.import_module(module_name)
+            except ImportError:
+                continue
+    seen_instructions = set(instructions)
+    candidates = []
+    for qualname, obj, kind in _documented_objects():
+        if kind == "method" or not _records(qualname, obj, kind) or _split_of(qualname) != "train":
+            continue
+        module_name, _, name = qualname.rpartition(".")
+        question = f"Which module defines `{name}`?"
+        if question in seen_instructions or sum(hasattr(m, name) for m in modules.values()) != 1:
+            continue
+        candidates.append((_stable(f"quiz:{qualname}"), qualname, module_name, name, kind, question))
+    chosen = sorted(candidates)[:count]
+    golds = _balanced_golds(len(chosen), "quiz-gold")
+    items = []
+    for (_, qualname, module_name, name, kind, question), position in zip(chosen, golds, strict=True):
+        others = sorted(m for m in modules if m != module_name)
+        picked = random.Random(_stable(f"quiz-distractors:{qualname}")).sample(others, CHOICES - 1)
+        items.append(
+            _item(
+                {"instruction": question, "input": ""},
+                f"`{name}` is a {kind} in the `{module_name}` module.",
+                [f"`{name}` is a {kind} in the `{m}` module." for m in picked],
+                position,
+            )
+        )
+    return items
+
+
+def _answer_pattern(words: int) -> re.Pattern[str]:
+    """A space after a word, then the answer: ``words`` plain words on the same line, ending before a space or
+    punctuation (a lookahead: every position is tried)."""
+    return re.compile(r"(?<=\S) (?=((?:[A-Za-z]+ ){" + str(words - 1) + r"}[A-Za-z]+)(?:[\s.,;:!?)]|$))")
+
+
+def docs_cloze(
+    documents: list[str],
+    training: list[str],
+    count: int,
+    *,
+    answer_words: int = CLOZE_ANSWER_WORDS,
+    context_chars: int = CLOZE_CONTEXT_CHARS,
+) -> list[dict[str, Any]]:
+    """``count`` cloze items (``text`` format) from held-out ``documents``: a passage, then which of four
+    phrases of ``answer_words`` words (one: a word) comes next, scored after a space (lm-eval style).
+
+    Answers are plain words on an unindented line of prose, at least ``CLOZE_GAP_WORDS`` words apart; the
+    passage is the ~``context_chars`` characters before the answer, starting at a word. The three distractors
+    are answers of other candidate items, from other documents (so frequent words are drawn more often). An
+    item with any word ``CONTAMINATION_N``-gram (passage and answer) that occurs in ``training`` is left out (the
+    documentation repeats whole passages across topics), as is one whose passage is too short to check; of the
+    rest, ``count`` are kept by a stable hash, and the right one's position is balanced over the items.
+    """
+    seen = {gram for text in training for gram in _ngrams(text)}
+    candidates = []  # (hash, document, context, answer)
+    for number, document in enumerate(documents):
+        last_word = -CLOZE_GAP_WORDS
+        for match in _answer_pattern(answer_words).finditer(document):
+            line_start = document.rfind("\n", 0, match.start()) + 1
+            words_before = len(document[: match.start()].split())
+            if (
+                match.start() < context_chars // 2
+                or document[line_start].isspace()
+                or words_before - last_word < CLOZE_GAP_WORDS
+            ):
+                continue
+            window = document[max(0, match.start() - context_chars) : match.start()]
+            context = window if match.start() <= context_chars else window.split(None, 1)[-1]
+            answer = match.group(1)
+            grams = _ngrams(f"{context} {answer}")
+            if len(grams) <= answer_words or any(gram in seen for gram in grams):
+                continue
+            last_word = words_before
+            candidates.append((_stable(f"cloze:{number}:{match.start()}"), number, context.lstrip(), answer))
+    chosen = sorted(candidates)[:count]
+    golds = _balanced_golds(len(chosen), "cloze-gold")
+    pool = sorted({(answer.lower(), number, answer) for _, number, _, answer in candidates})
+    items = []
+    for (key, number, context, answer), position in zip(chosen, golds, strict=True):
+        rng = random.Random(key)
+        distractors: list[str] = []
+        while len(distractors) < CHOICES - 1:
+            lowered, other_number, phrase = rng.choice(pool)
+            if other_number != number and lowered not in {d.lower() for d in [answer, *distractors]}:
+                distractors.append(phrase)
+        items.append(_item({"text": context}, answer, distractors, position))
+    return items
+
+
+def _ngrams(text: str, n: int = CONTAMINATION_N) -> list[tuple[str, ...]]:
+    """The word ``n``-grams of ``text`` (lowercased runs of letters and digits), in order."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 # --------------------------------------------------------------------------- files

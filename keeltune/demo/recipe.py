@@ -2,7 +2,8 @@
 
 ``DEFAULT`` was chosen by measurement on a 2-core CPU (fp32, 2 torch threads) so
 that the whole ``keeltune demo`` (tokenizer, pretraining to a held-out
-perplexity well under ``max_pretrain_ppl``, then fine-tuning with evaluations)
+perplexity well under ``max_pretrain_ppl``, then fine-tuning with evaluations
+and two 400-item multiple-choice tasks at its start and end)
 fits in ~10 minutes with margin. ``SMOKE`` is a seconds-long variant for
 end-to-end tests; it makes no quality claim.
 """
@@ -44,6 +45,10 @@ class Schedule:
     grad_clip: float = 1.0
 
 
+# Recipe fields that only shape the fine-tune's task evaluation: not part of the base model's cache key.
+EVAL_ONLY = ("task_items", "task_batch_size")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Everything the demo needs to be reproducible."""
@@ -60,6 +65,10 @@ class Recipe:
     max_pretrain_ppl: float = 150.0  # hard check on the held-out ("retention") perplexity after pretraining
     eval_max_samples: int | None = None  # sequences per evaluation set; None evaluates them all
     chunk_chars: int | None = 3000  # general-corpus document size (see ``corpora.general_corpus``)
+    # Multiple-choice items per evaluation task (domain: stdlib_mc, retention: docs_cloze), scored at the
+    # fine-tune's step 0 and last step. Evaluation only: leaves the base and its cache key alone.
+    task_items: int = 400
+    task_batch_size: int = 64  # choices per forward pass (CPU: larger batches are faster per choice)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -127,6 +136,7 @@ SMOKE = Recipe(
     ),
     max_pretrain_ppl=float("inf"),  # too short to learn anything: no quality check
     eval_max_samples=16,
+    task_items=24,
 )
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from keeltune.config import DataConfig
+from keeltune.config import DataConfig, TaskConfig
 
 VALIDATION = "val"
 RETENTION = "retention"
@@ -37,3 +37,28 @@ def held_out_names(data: DataConfig) -> dict[str, str]:
     names = {"data.validation": VALIDATION} if data.validation else {}
     names.update({f"data.retention.{i}": retention_set(r.name) for i, r in enumerate(data.retention)})
     return names
+
+
+TASK = "task"
+STDERR, CHANGE = "_stderr", "_change"
+
+
+def task_metric(task: str, name: str) -> str:
+    """``task/<task>/<metric>``; its standard error is ``task/<task>/<metric>_stderr`` and, for a retention
+    task, its change since step 0 (in the metric's own units) ``task/<task>/<metric>_change``."""
+    return f"{TASK}/{task}/{name}"
+
+
+def task_change(
+    results: dict[str, float], baseline: dict[str, float], tasks: list[TaskConfig]
+) -> dict[str, float]:
+    """``task/<task>/<metric>_change`` of every retention task: the metric now minus at step 0."""
+    changes = {}
+    for task in tasks:
+        if not task.retention:
+            continue
+        for name in task.metric_names:
+            key = task_metric(task.name, name)
+            if key in results and key in baseline:
+                changes[key + CHANGE] = results[key] - baseline[key]
+    return changes

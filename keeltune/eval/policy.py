@@ -1,6 +1,7 @@
-"""What to do after each held-out eval: early stopping on the task validation loss, and the retention guard
-(warn, stop, or keep the best model by task and retention together); one ``HeldOutPolicy`` with one
-``state_dict`` that checkpoints carry, so a resumed run decides as the uninterrupted one would."""
+"""What to do after each held-out eval: early stopping on a watched metric (``val/loss`` by default, or any task
+metric), and the retention guard (warn, stop, or keep the best model by task and retention together); one
+``HeldOutPolicy`` with one ``state_dict`` that checkpoints carry, so a resumed run decides as the
+uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from keeltune.config import EarlyStoppingConfig, RegularizationConfig, RetentionGuardConfig
-from keeltune.eval.names import FORGETTING, LOSS, VAL_LOSS, metric, retention_metrics, retention_set
+from keeltune.eval.names import CHANGE, FORGETTING, LOSS, metric, retention_metrics, retention_set
 from keeltune.run_folder import BEST_MODEL_DIR
-
-WATCHED = VAL_LOSS
 
 
 class EarlyStopping:
-    """Counts evals without an improvement of ``min_delta`` on ``val/loss``; its state goes into checkpoints."""
+    """Counts evals without an improvement of ``min_delta`` on the watched metric (in its ``mode``: lower or
+    higher is better); its state goes into checkpoints."""
 
     def __init__(self, config: EarlyStoppingConfig) -> None:
         self.patience, self.min_delta = config.patience, config.min_delta
+        self.metric, self.sign = config.metric, 1.0 if config.mode == "min" else -1.0
         self.best: float | None = None
         self.best_step = 0
         self.bad_evals = 0
@@ -33,18 +34,18 @@ class EarlyStopping:
 
     def update(self, step: int, results: dict[str, float]) -> bool:
         """Record one eval; True when training should stop."""
-        if not self.enabled or WATCHED not in results:
+        if not self.enabled or self.metric not in results:
             return False
-        loss = results[WATCHED]
-        if self.best is None or loss < self.best - self.min_delta:
-            self.best, self.best_step, self.bad_evals = loss, step, 0
+        value = results[self.metric]
+        if self.best is None or self.sign * value < self.sign * self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
         else:
             self.bad_evals += 1
         return self.exhausted
 
     def reason(self) -> str:
         return (
-            f"early stopping: {WATCHED} did not improve by more than min_delta={self.min_delta:g} for "
+            f"early stopping: {self.metric} did not improve by more than min_delta={self.min_delta:g} for "
             f"patience={self.patience} eval(s); best {self.best:.4g} at step {self.best_step}"
         )
 
@@ -55,41 +56,54 @@ class EarlyStopping:
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
-def forgetting_breaches(results: dict[str, float], max_forgetting_pct: float | None) -> dict[str, float]:
-    """The ``retention/<set>/forgetting_pct`` values above the threshold (none when the guard is off)."""
-    if max_forgetting_pct is None:
-        return {}
-    return {
-        metric(retention_set(name), FORGETTING): value
-        for name, value in retention_metrics(results, FORGETTING).items()
-        if value > max_forgetting_pct
-    }
+def forgetting_breaches(results: dict[str, float], guard: RetentionGuardConfig) -> dict[str, str]:
+    """What the retention guard finds above its thresholds: ``retention/<set>/forgetting_pct`` values over
+    ``max_forgetting_pct``, and the watched retention task metric's worsening since step 0 over ``max_drop``;
+    each with its text."""
+    breaches = {}
+    if guard.max_forgetting_pct is not None:
+        for name, value in retention_metrics(results, FORGETTING).items():
+            if value > guard.max_forgetting_pct:
+                key = metric(retention_set(name), FORGETTING)
+                breaches[key] = f"{key} {value:.1f}% above max_forgetting_pct={guard.max_forgetting_pct:g}"
+    change = results.get(guard.metric + CHANGE) if guard.metric else None
+    if change is not None and guard.max_drop is not None:
+        worsening = -change if guard.mode == "max" else change
+        if worsening > guard.max_drop:
+            breaches[guard.metric] = (
+                f"{guard.metric} worse by {worsening:.4g} since step 0 (now {results[guard.metric]:.4g}), more "
+                f"than max_drop={guard.max_drop:g}"
+            )
+    return breaches
 
 
 class BestModel:
     """The retention guard's ``best`` action: the eval with the lowest combined score among those whose
     forgetting is within the threshold; its state goes into checkpoints."""
 
-    def __init__(self, guard: RetentionGuardConfig) -> None:
+    def __init__(self, guard: RetentionGuardConfig, stopping: EarlyStoppingConfig) -> None:
         self.enabled = guard.action == "best"
-        self.max_forgetting_pct = guard.max_forgetting_pct
+        self.guard = guard
         self.retention_weight = guard.retention_weight
+        self.metric, self.sign = stopping.metric, 1.0 if stopping.mode == "min" else -1.0
         self.score: float | None = None
         self.step: int | None = None
 
     def combined_score(self, results: dict[str, float], baseline: dict[str, float]) -> float:
-        """val/loss + retention_weight * the mean rise of the retention sets' loss over the baseline (nats)."""
+        """The watched metric (negated when higher is better) + retention_weight * the mean rise of the
+        retention sets' loss over the baseline (nats)."""
         before = retention_metrics(baseline, LOSS)
         rises = [
             value - before[name] for name, value in retention_metrics(results, LOSS).items() if name in before
         ]
-        return results[WATCHED] + self.retention_weight * (sum(rises) / len(rises) if rises else 0.0)
+        rise = sum(rises) / len(rises) if rises else 0.0
+        return self.sign * results[self.metric] + self.retention_weight * rise
 
     def update(self, step: int, results: dict[str, float], baseline: dict[str, float]) -> bool:
         """Record one eval; True when it is the new best (the caller then keeps this model)."""
-        if not self.enabled or WATCHED not in results:
+        if not self.enabled or self.metric not in results:
             return False
-        if forgetting_breaches(results, self.max_forgetting_pct):
+        if forgetting_breaches(results, self.guard):
             return False
         score = self.combined_score(results, baseline)
         if self.score is not None and score >= self.score:
@@ -110,7 +124,7 @@ class Verdict:
 
     stop: str = ""  # why to end the run now (after checkpointing), or ""
     keep_best: bool = False  # this model is the best within the retention guard: keep it (best/)
-    best_val_loss: bool = False  # early stopping saw a new best val/loss at this step
+    new_best: bool = False  # early stopping saw a new best of its metric at this step
     warning: str = ""  # the retention guard's breach, to log and alert, or ""
 
 
@@ -120,7 +134,7 @@ class HeldOutPolicy:
     def __init__(self, regularization: RegularizationConfig) -> None:
         self.guard = regularization.retention_guard
         self.early_stopping = EarlyStopping(regularization.early_stopping)
-        self.best_model = BestModel(self.guard)
+        self.best_model = BestModel(self.guard, regularization.early_stopping)
 
     @property
     def exhausted(self) -> bool:
@@ -133,20 +147,16 @@ class HeldOutPolicy:
     def observe(self, step: int, results: dict[str, float], baseline: dict[str, float]) -> Verdict:
         if self.early_stopping.update(step, results):
             return Verdict(stop=self.early_stopping.reason())
-        best_val_loss = self.early_stopping.enabled and self.early_stopping.best_step == step
+        new_best = self.early_stopping.enabled and self.early_stopping.best_step == step
         keep_best = self.best_model.update(step, results, baseline)
-        breaches = forgetting_breaches(results, self.guard.max_forgetting_pct)
+        breaches = forgetting_breaches(results, self.guard)
         if not breaches:
-            return Verdict(keep_best=keep_best, best_val_loss=best_val_loss)
-        text = (
-            ", ".join(f"{key} {value:.1f}%" for key, value in breaches.items())
-            + f" above regularization.retention_guard.max_forgetting_pct={self.guard.max_forgetting_pct:g} "
-            f"at step {step}"
-        )
+            return Verdict(keep_best=keep_best, new_best=new_best)
+        text = "; ".join(breaches.values()) + f" (regularization.retention_guard) at step {step}"
         if self.guard.action == "best" and self.best_model.step is not None:
             text += f"; keeping the best model within it (step {self.best_model.step}) in {BEST_MODEL_DIR}/"
         stop = f"retention guard: {text}" if self.guard.action == "stop" else ""
-        return Verdict(stop=stop, keep_best=keep_best, best_val_loss=best_val_loss, warning=text)
+        return Verdict(stop=stop, keep_best=keep_best, new_best=new_best, warning=text)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -45,12 +45,10 @@ class Backend(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
-    def sample(
-        self, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_token_id: int | None,
-        pad_token_id: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """Continuations drawn from the model as it is now (before the first step: the base model); when
-        ``partitioned`` every rank makes the same number of calls."""
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        """transformers' ``generate`` on the model as it is now (before the first step: the base model), with
+        ``options`` passed on (``attention_mask``, ``max_new_tokens``, ...); when ``partitioned`` every rank
+        makes the same number of calls."""
         ...
 
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from keeltune.sharding.model import (
     decay_groups,
     enable_activation_checkpointing,
     load_causal_lm,
-    sample_sequences,
 )
 
 
@@ -87,9 +86,10 @@ class ReplicaBackend:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
-    def sample(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
         with self._autocast():
-            return sample_sequences(self.model, input_ids, **options)
+            return self.model.generate(input_ids=input_ids, **options)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

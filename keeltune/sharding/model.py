@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,18 +96,17 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 @torch.no_grad()
 def sample_sequences(
-    model: Any,
+    generate: Callable[..., torch.Tensor],
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int,
     temperature: float,
     eos_token_id: int | None,
     pad_token_id: int,
-    synced_gpus: bool = False,
 ) -> torch.Tensor:
-    """Ancestral sampling (no top-k or top-p cut) of continuations of ``input_ids``; rows that reach EOS are
-    padded. ``synced_gpus``: ZeRO-3, where every rank must run every forward until all ranks are done."""
-    return model.generate(
+    """Ancestral sampling (no top-k or top-p cut) of continuations of ``input_ids`` through ``generate`` (a
+    backend's, or a transformers model's); rows that reach EOS are padded."""
+    return generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         do_sample=True,
@@ -117,7 +117,6 @@ def sample_sequences(
         min_new_tokens=1,  # no empty documents: EOS only after a first token
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        synced_gpus=synced_gpus,
     )
 
 

@@ -22,6 +22,7 @@ from keeltune.config import Config, SourceConfig
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import Backend
+from keeltune.sharding.model import sample_sequences
 
 log = logging.getLogger("keeltune")
 
@@ -86,7 +87,8 @@ def _draw(
         for done in range(0, per_rank, options.batch_size):
             rows = min(options.batch_size, per_rank - done)
             prompt = torch.full((rows, 1), start_id, dtype=torch.long, device=parallel.device)
-            drawn = backend.sample(
+            drawn = sample_sequences(
+                backend.generate,
                 prompt,
                 max_new_tokens=new_tokens,
                 temperature=options.temperature,

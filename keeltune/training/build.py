@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from keeltune.config import Config
+from keeltune.data_pipeline.contamination import contamination_report, excluded_items
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.names import held_out_names
+from keeltune.eval.tasks import PreparedTask, prepare_task
 
 
 def seed_everything(seed: int) -> None:
@@ -24,11 +26,13 @@ def seed_everything(seed: int) -> None:
 def build_datasets(
     config: Config, tokenizer: Any, parallel: ParallelEnv
 ) -> tuple[list[PackedDataset], dict[str, PackedDataset]]:
-    """Rank 0 prepares sets not prepared yet (and refuses stale ones) and checks shard checksums; every rank
-    then opens the shards. Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
+    """Rank 0 prepares sets not prepared yet (and refuses stale ones), runs the contamination check unless its
+    report is current, and checks shard checksums; every rank then opens the shards (and may read the report).
+    Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
     data = config.data
     if parallel.is_main:
         prepare_sets(data, config.run_dir, tokenizer, refresh=False)
+        contamination_report(config)  # written before the barrier: no other rank computes or writes it
     parallel.barrier()
     fingerprint = tokenizer_fingerprint(tokenizer)
     verify = data.verify_checksums if parallel.is_main else "never"
@@ -40,3 +44,15 @@ def build_datasets(
     train = [opened[f"data.train.{i}"] for i in range(len(data.train))]
     held_out = {name: opened[key] for key, name in held_out_names(data).items()}
     return train, held_out
+
+
+def build_tasks(config: Config, tokenizer: Any) -> list[PreparedTask]:
+    """Every ``eval.tasks`` entry read and tokenized (each rank reads the small task files itself), without
+    the items the contamination check flagged when ``eval.contamination.exclude`` is on."""
+    excluded = excluded_items(config)
+    return [
+        prepare_task(
+            task, tokenizer, max_length=config.data.seq_len, excluded=excluded.get(task.name, frozenset())
+        )
+        for task in config.eval.tasks
+    ]

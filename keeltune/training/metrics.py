@@ -144,6 +144,21 @@ class MetricsLogger:
             except Exception as err:
                 self._wandb_failed("stopped working", err)
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """Per-item rows as a W&B Table (lists shown as JSON), when W&B is on."""
+        if self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        data = [
+            [v if isinstance(v, str | int | float) else json.dumps(v) for v in row.values()] for row in rows
+        ]
+        try:
+            self.wandb_run.log({STEP_METRIC: step, name: wandb.Table(columns=columns, data=data)})
+        except Exception as err:
+            self._wandb_failed("stopped working", err)
+
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (e-mail/Slack per the user's W&B settings) when W&B is on; a failure is only logged."""
         if self.wandb_run is None:

@@ -7,7 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from keeltune.config import ConfigError, load_config
-from keeltune.eval.names import FORGETTING, PPL, VAL_LOSS, metric, retention_metrics, retention_set
+from keeltune.eval.names import (
+    CHANGE,
+    FORGETTING,
+    PPL,
+    STDERR,
+    TASK,
+    VAL_LOSS,
+    metric,
+    retention_metrics,
+    retention_set,
+)
 from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE
 
 
@@ -129,7 +139,44 @@ def plot_forgetting(records: list[dict[str, Any]], out: Path) -> Path | None:
     return _save(plt, figure, out)
 
 
-def write_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+def task_scores(records: list[dict[str, Any]]) -> list[str]:
+    """The ``task/<task>/<metric>`` names logged (not their stderr or change), in first-seen order."""
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(
+            dict.fromkeys(k for k in record if k.startswith(TASK + "/") and not k.endswith((STDERR, CHANGE)))
+        )
+    return list(names)
+
+
+def plot_tasks(records: list[dict[str, Any]], retention_tasks: set[str], out: Path) -> Path | None:
+    """Every task metric over steps with its ±1 standard error band, the task's own metrics on the left and
+    the retention tasks' on the right (one figure: learning against forgetting in the metrics' own units)."""
+    names = task_scores(records)
+    if not names:
+        return None
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        axis = right if name.split("/")[1] in retention_tasks else left
+        steps, values = series(records, name)
+        errors = dict(zip(*series(records, name + STDERR), strict=True))
+        line = axis.plot(steps, values, "o-", label=name.removeprefix(TASK + "/"))[0]
+        if errors:
+            low = [v - errors.get(s, 0.0) for s, v in zip(steps, values, strict=True)]
+            high = [v + errors.get(s, 0.0) for s, v in zip(steps, values, strict=True)]
+            axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    left.set(xlabel="step", ylabel="metric", title="Task metrics (band: ±1 stderr)")
+    right.set(xlabel="step", ylabel="metric", title="Retention task metrics (band: ±1 stderr)")
+    for axis in (left, right):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    return _save(plt, figure, out)
+
+
+def write_plots(
+    records: list[dict[str, Any]], out_dir: Path, retention_tasks: set[str] | None = None
+) -> dict[str, Path]:
     """The report's PNGs (title -> file); a plot whose data was not logged is left out."""
     plots = {
         "Training loss": _plot_one(
@@ -138,6 +185,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]
         "Learning rate": _plot_one(records, "train/lr", out_dir / "learning_rate.png", "lr", "Learning rate"),
         "Task and retention": plot_curves(records, out_dir / "task_vs_retention.png"),
         "Learning vs forgetting": plot_forgetting(records, out_dir / "forgetting.png"),
+        "Task metrics": plot_tasks(records, retention_tasks or set(), out_dir / "task_metrics.png"),
     }
     return {title: path for title, path in plots.items() if path is not None}
 
@@ -174,6 +222,15 @@ def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
         if forgetting:
             line += f", forgetting {forgetting[-1]:+.2f}%"
         lines.append(line)
+    for name in task_scores(records):
+        steps, values = series(records, name)
+        errors = dict(zip(*series(records, name + STDERR), strict=True))
+        spread = f" ± {errors[steps[-1]]:.4f}" if steps[-1] in errors else ""
+        line = f"- `{name}`: {values[0]:.4f} (step {steps[0]}) -> {values[-1]:.4f}{spread} (step {steps[-1]})"
+        change = series(records, name + CHANGE)[1]
+        if change:
+            line += f", change since step 0 {change[-1]:+.4f}"
+        lines.append(line)
     return lines
 
 
@@ -186,7 +243,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     records = read_metrics(run_dir)
     out_dir = out_dir or run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(records, out_dir)
+    retention_tasks = {t.name for t in load_config(run_dir / CONFIG_FILE).eval.tasks if t.retention}
+    plots = write_plots(records, out_dir, retention_tasks)
     lines = summary_lines(run_dir, records)
     lines += ["", "## Plots"] + [f"\n![{title}]({path.name})" for title, path in plots.items()]
     report = out_dir / REPORT_FILE

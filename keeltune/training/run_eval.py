@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -12,18 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from keeltune.atomic import write_json_atomically
 from keeltune.config import Config, ConfigError, backend_spec, load_config
+from keeltune.data_pipeline.contamination import contamination_report
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv, exit_rank, run_local_ranks
 from keeltune.eval.evaluate import evaluate_sets, forgetting
-from keeltune.eval.names import held_out_names
-from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE
+from keeltune.eval.names import held_out_names, task_change
+from keeltune.eval.scoring import check_tasks
+from keeltune.eval.tasks import HFTaskModel, run_task
+from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, LM_EVAL_DIR
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
+from keeltune.training.build import build_tasks
 from keeltune.training.manifest import checkpoint_to_read
+from keeltune.training.metrics import MetricsLogger
 
 log = logging.getLogger("keeltune")
 
@@ -97,28 +102,49 @@ def model_folder(target: EvalTarget) -> Iterator[Path]:
         yield export_checkpoint(target.config, target.checkpoint, Path(tmp), merge=merge)[-1]
 
 
+def select_tasks(config: Config, names: list[str] | None) -> Config:
+    """``config`` with only the ``eval.tasks`` named (all when ``names`` is None); unknown names are refused."""
+    if names is None:
+        return config
+    known = [task.name for task in config.eval.tasks]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"--tasks: {unknown} are not tasks of this config (eval.tasks: {known or 'none'})")
+    return dataclasses.replace(
+        config, eval=dataclasses.replace(config.eval, tasks=[t for t in config.eval.tasks if t.name in names])
+    )
+
+
 def evaluate_target(
-    target: EvalTarget, *, max_samples: int | None = None, nproc: int = 1
+    target: EvalTarget, *, max_samples: int | None = None, nproc: int = 1, sets: bool = True
 ) -> dict[str, float]:
-    """Loss and perplexity of every held-out set, with forgetting against the baseline. The sets are prepared
-    and a checkpoint exported once, here; with ``nproc`` > 1, local ranks started by torch's launcher then share
-    the sets' samples (exact sums over ranks: the same numbers as one process)."""
+    """Loss and perplexity of every held-out set (when ``sets``) and every task of the target's config, with
+    forgetting against the baseline. The sets are prepared and a checkpoint exported once, here; with
+    ``nproc`` > 1, local ranks started by torch's launcher then share the work (exact sums over ranks: the
+    same numbers as one process)."""
     config = target.config
     tokenizer_path = str(target.model_dir) if target.model_dir else config.model.tokenizer_path
     try:
         tokenizer = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{tokenizer_path}: no usable tokenizer ({err})") from None
-    folders = held_out_folders(config, tokenizer)
-    if not folders:
-        raise ConfigError("the config has no held-out set: add data.validation or data.retention")
+    check_tasks(config)
+    if config.eval.contamination.exclude:
+        contamination_report(config)  # once, here: the ranks read it to leave flagged items out
+    folders = held_out_folders(config, tokenizer) if sets else {}
+    if not folders and not config.eval.tasks:
+        raise ConfigError("nothing to evaluate: add data.validation, data.retention or eval.tasks")
     limit = max_samples if max_samples is not None else config.eval.max_samples
     with model_folder(target) as model_dir:
         if nproc == 1:
             results = evaluate_folder(model_dir, tokenizer_path, folders, config, limit, ParallelEnv())
         else:
             results = _evaluate_on_ranks(model_dir, tokenizer_path, folders, config, limit, nproc)
-    return {**results, **forgetting(results, target.baseline)}
+    return {
+        **results,
+        **forgetting(results, target.baseline),
+        **task_change(results, target.baseline, config.eval.tasks),
+    }
 
 
 def evaluate_folder(
@@ -129,23 +155,66 @@ def evaluate_folder(
     max_samples: int | None,
     parallel: ParallelEnv,
 ) -> dict[str, float]:
-    """This rank's share of every set through the model in ``model_dir``; sums are all-reduced over ranks."""
-    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_path))
+    """This rank's share of every set and task through the model in ``model_dir``; sums are all-reduced."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    fingerprint = tokenizer_fingerprint(tokenizer)
     verify = config.data.verify_checksums if parallel.is_main else "never"
-    model = load_causal_lm(str(model_dir)).to(parallel.device).eval()
-    amp_dtype = autocast_dtype(config.training.precision, parallel.device)
-
-    def logits(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(parallel.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(input_ids=input_ids, use_cache=False).logits.float()
-
+    model = HFTaskModel(
+        load_causal_lm(str(model_dir)).to(parallel.device).eval(),
+        autocast_dtype(config.training.precision, parallel.device),
+    )
     sets = {
         name: PackedDataset(folder, fingerprint=fingerprint, verify_checksums=verify)
         for name, folder in folders.items()
     }
-    return evaluate_sets(
-        logits, sets, parallel, micro_batch_size=config.eval.micro_batch_size, max_samples=max_samples
+    results = evaluate_sets(
+        model.logits, sets, parallel, micro_batch_size=config.eval.micro_batch_size, max_samples=max_samples
     )
+    for prepared in build_tasks(config, tokenizer):
+        outcome = run_task(
+            model,
+            prepared,
+            tokenizer,
+            parallel,
+            batch_size=config.eval.task_batch_size,
+            bootstrap_iters=config.eval.bootstrap_iters,
+        )
+        results.update(outcome.metrics)
+    return results
+
+
+def lm_eval_target(
+    target: EvalTarget, tasks: list[str], *, include_path: Path | None, limit: int | None = None
+) -> tuple[dict[str, float], Path | None]:
+    """lm-evaluation-harness on the target's model (a checkpoint is exported first: ZeRO-3 and QLoRA runs are
+    evaluated on their merged export), in this one process. For a run, the results land in
+    ``<run>/lm_eval/step_<N>.json``, in metrics.jsonl and in the run's W&B run at the checkpoint's step."""
+    from keeltune.eval.harness import flat_metrics, run_lm_eval
+
+    config = target.config
+    with model_folder(target) as model_dir:
+        tokenizer_path = str(target.model_dir) if target.model_dir else config.model.tokenizer_path
+        results = run_lm_eval(
+            model_dir,
+            tokenizer_path,
+            tasks,
+            include_path=include_path,
+            batch_size=config.eval.task_batch_size,
+            limit=limit,
+        )
+    metrics = flat_metrics(results)
+    if target.run_dir is None or target.checkpoint is None:
+        return metrics, None
+    step = int(target.checkpoint.name.removeprefix("step_"))
+    out = target.run_dir / LM_EVAL_DIR / f"step_{step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out, {"tasks": tasks, "step": step, "results": results.get("results", {})})
+    logger = MetricsLogger(target.run_dir, config.logging.wandb, enabled=True, run_config=config.to_dict())
+    try:
+        logger.log(step, metrics)
+    finally:
+        logger.close()
+    return metrics, out
 
 
 def _evaluate_on_ranks(

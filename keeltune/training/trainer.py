@@ -13,27 +13,31 @@ from typing import Any
 
 import torch
 
+from keeltune.atomic import write_atomically
 from keeltune.config import Config, mixing_counts
+from keeltune.data_pipeline.formats import save_tokenizer
 from keeltune.data_pipeline.prepare import tokenizer_fingerprint
 from keeltune.data_pipeline.reader import TrainStream
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.evaluate import evaluate_sets, forgetting, token_nll
-from keeltune.eval.names import VAL_LOSS
+from keeltune.eval.names import task_change
 from keeltune.eval.policy import HeldOutPolicy
+from keeltune.eval.tasks import PreparedTask, run_task
 from keeltune.run_folder import (
     BASELINE_FILE,
     BEST_FILE,
     BEST_MODEL_DIR,
     BEST_MODEL_FILE,
     FINAL_MODEL_DIR,
+    eval_items_file,
     follow_umask,
 )
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.base import Backend
 from keeltune.sharding.model import load_tokenizer
 from keeltune.training.base_samples import draw_base_samples
-from keeltune.training.build import build_datasets, seed_everything
+from keeltune.training.build import build_datasets, build_tasks, seed_everything
 from keeltune.training.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from keeltune.training.loader import StepLoader
 from keeltune.training.metrics import MetricsLogger, truncate_metrics
@@ -79,6 +83,7 @@ class Trainer:
         self.backend: Backend = build_backend(config, parallel, keep_reference=needs_reference(config))
         draw_base_samples(config, self.backend, self.tokenizer, parallel)  # before the first step and resume
         self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
+        self.tasks = build_tasks(config, self.tokenizer)
         self.stream = TrainStream(
             self.train_sources,
             global_batch=config.training.global_batch_size,
@@ -133,33 +138,60 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def run_evals(self) -> dict[str, float]:
-        """Every held-out set; retention sets also report forgetting against the step-0 baseline."""
+    def run_evals(self, *, sets: bool = True, tasks: list[PreparedTask] | None = None) -> dict[str, float]:
+        """The held-out sets (when ``sets``) and ``tasks`` (default: all); retention sets and tasks also report
+        forgetting against the step-0 baseline."""
         self.backend.train(False)
-        results = evaluate_sets(
-            self.backend.logits,
-            self.eval_sets,
-            self.parallel,
-            micro_batch_size=self.config.eval.micro_batch_size,
-            max_samples=self.config.eval.max_samples,
-        )
+        results: dict[str, float] = {}
+        if sets and self.eval_sets:
+            results = evaluate_sets(
+                self.backend.logits,
+                self.eval_sets,
+                self.parallel,
+                micro_batch_size=self.config.eval.micro_batch_size,
+                max_samples=self.config.eval.max_samples,
+            )
+        for prepared in self.tasks if tasks is None else tasks:
+            outcome = run_task(
+                self.backend,
+                prepared,
+                self.tokenizer,
+                self.parallel,
+                batch_size=self.config.eval.task_batch_size,
+                bootstrap_iters=self.config.eval.bootstrap_iters,
+            )
+            results.update(outcome.metrics)
+            if self.parallel.is_main:
+                name = prepared.task.name
+                lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.items)
+                file = eval_items_file(self.run_dir, self.step, name)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(file, lines)
+                self.metrics.table(self.step, f"eval_items/{name}", outcome.items)
         self.backend.train(True)
         if not self.baseline and self.step == 0:
             self.baseline = dict(results)
             if self.parallel.is_main:
                 (self.run_dir / BASELINE_FILE).write_text(json.dumps(self.baseline, indent=1))
         results.update(forgetting(results, self.baseline))
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+        results.update(task_change(results, self.baseline, self.config.eval.tasks))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items() if not k.endswith("_stderr"))
         log.info("eval at step %d: %s", self.step, summary)
         return results
+
+    def _evals_due(self, last: bool) -> tuple[bool, list[PreparedTask]]:
+        """Whether the held-out sets are due after this step, and which tasks are."""
+        sets = bool(self.eval_sets) and (self.step % self.config.eval.every_steps == 0 or last)
+        tasks = [p for p in self.tasks if last or self.config.eval.task_due(p.task, self.step)]
+        return sets, tasks
 
     # ------------------------------------------------------------------ training
 
     def _watch(self, results: dict[str, float]) -> str:
         """The held-out policy on one eval's results: keep the best model, warn; why to stop now, or ""."""
         verdict = self.policy.observe(self.step, results, self.baseline)
-        if verdict.best_val_loss and self.parallel.is_main:
-            best = {"step": self.step, VAL_LOSS: self.policy.early_stopping.best}
+        if verdict.new_best and self.parallel.is_main:
+            best = {"step": self.step, self.policy.early_stopping.metric: self.policy.early_stopping.best}
             (self.run_dir / BEST_FILE).write_text(json.dumps(best, indent=1))
         if verdict.keep_best:
             self._keep_best(results)
@@ -280,7 +312,7 @@ class Trainer:
         (``summary.stopped`` says why); the next run resumes from that checkpoint."""
         cfg = self.config.training
         summary = TrainSummary(run_dir=self.run_dir, steps=cfg.max_steps, wandb=self.metrics.wandb_location)
-        if self.eval_sets and self.config.eval.at_start and self.step == 0:
+        if (self.eval_sets or self.tasks) and self.config.eval.at_start and self.step == 0:
             summary.first_eval = self.run_evals()
             self.metrics.log(0, summary.first_eval)
             self._watch(summary.first_eval)
@@ -294,8 +326,9 @@ class Trainer:
             while self.step < cfg.max_steps and not summary.ended_early:
                 self.train_one_step()
                 last = self.step == cfg.max_steps
-                if self.eval_sets and (self.step % self.config.eval.every_steps == 0 or last):
-                    summary.last_eval = self.run_evals()
+                sets, tasks = self._evals_due(last)
+                if sets or tasks:
+                    summary.last_eval = self.run_evals(sets=sets, tasks=tasks)
                     self.metrics.log(self.step, summary.last_eval)
                     summary.ended_early = self._watch(summary.last_eval)
                 checkpointed = (
@@ -362,7 +395,7 @@ class Trainer:
         self.parallel.barrier()
         self.backend.export(folder)
         if self.parallel.is_main:
-            self.tokenizer.save_pretrained(folder)
+            save_tokenizer(self.tokenizer, folder, self.config.data)
             follow_umask(folder)
         self.parallel.barrier()
         return folder

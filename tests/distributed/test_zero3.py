@@ -99,7 +99,7 @@ def test_base_samples_under_zero3_are_what_the_base_model_draws(runs: dict[str, 
         for rank in range(world_size):
             torch.manual_seed(sample_seed(0, rank))
             ids = sample_sequences(
-                model,
+                model.generate,
                 torch.full((6 // world_size, 1), tokenizer.bos_token_id),
                 max_new_tokens=20,
                 temperature=1.0,

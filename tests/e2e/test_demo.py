@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import keeltune
 
 
@@ -14,6 +16,8 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
     assert first.returncode == 0, first.stderr[-3000:]
     for text in ("task validation loss", "retention perplexity", "W&B offline run", "final model"):
         assert text in first.stdout
+    assert "accuracy changes in points" in first.stdout
+    assert "within noise (< 2 SE)" in first.stdout or "beyond noise (≥ 2 SE)" in first.stdout
     run_dir = tmp_path / "runs" / "demo-smoke-finetune"
     summary = json.loads((run_dir / "demo_summary.json").read_text())
     assert summary["task_loss_after"] < summary["task_loss_before"]  # it learned the task
@@ -39,6 +43,7 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
         if r.get("step") == 10
     ]
     assert any(abs(r.get("data/python-docs-replay/fraction", -1) - 0.2) < 0.05 for r in fractions)
+    _check_task_accuracies(summary, mitigated, (run_dir, replay_run), tmp_path / "runs" / "demo-smoke-data")
     assert Path(summary["comparison_plot"]).read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     bases = list((tmp_path / "cache").glob("demo-base-*"))
@@ -65,3 +70,29 @@ def test_demo_smoke_runs_end_to_end_and_reuses_the_cached_base(tmp_path: Path) -
             assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) <= 1e-6
         else:  # the 4-bit base is close to, not equal to, the fp32 one
             assert abs(result["retention_ppl_before"] / summary["retention_ppl_before"] - 1) < 0.02
+
+
+def _check_task_accuracies(summary: dict, mitigated: dict, runs: tuple[Path, ...], data: Path) -> None:
+    """The multiple-choice tasks: accuracies with standard errors before and after, per-item files, held-out items."""
+    for result in (summary, mitigated):
+        for task in ("stdlib_mc", "docs_cloze"):
+            found = result["tasks"][task]
+            assert 0 <= found["acc_before"] <= 1 and 0 <= found["acc_after"] <= 1
+            assert found["acc_before_stderr"] > 0 and found["acc_after_stderr"] > 0
+            assert found["change_pts"] == pytest.approx(100 * (found["acc_after"] - found["acc_before"]))
+            assert found["change_pts_stderr"] >= 0 and isinstance(found["within_noise"], bool)
+            assert found["acc_before"] == summary["tasks"][task]["acc_before"]  # the same base
+    assert set(mitigated["versus_plain"]) == {"stdlib_mc", "docs_cloze"}
+    for run in runs:  # per-item results at step 0 and the last step, one line per item
+        for step in (0, 10):
+            for task in ("stdlib_mc", "docs_cloze"):
+                assert len((run / "eval" / str(step) / f"{task}.jsonl").read_text().splitlines()) == 24
+    quiz = [json.loads(line) for line in (data / "stdlib_mc.jsonl").read_text().splitlines()]
+    trained = {
+        json.loads(line)["instruction"] for line in (data / "task_train.jsonl").read_text().splitlines()
+    }
+    assert not trained & {item["instruction"] for item in quiz}  # the questions are held out
+    general = [json.loads(line)["text"] for line in (data / "general_train.jsonl").read_text().splitlines()]
+    for item in map(json.loads, (data / "docs_cloze.jsonl").read_text().splitlines()):
+        passage = f"{item['text']} {item['choices'][item['gold']]}"
+        assert not any(passage in text for text in general)  # held out of pretraining and replay

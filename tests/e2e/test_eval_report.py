@@ -40,7 +40,13 @@ def test_eval_of_a_checkpoint_equals_what_the_trainer_logged(
     logged = _logged(run_dir, STEPS if step is None else step)
     keys = ["val/loss", "val/ppl", "retention/general/loss", "retention/general/ppl"]
     keys.append("retention/general/forgetting_pct")
-    assert sorted(got) == sorted(keys)
+    # the held-out sets, and the config's tasks: the cloze (its own interval, every 2 steps: not logged at 3)
+    # and the generation task (logged at 3 and 6)
+    tasks = sorted(k for k in got if k.startswith("task/"))
+    assert sorted(set(got) - set(tasks)) == sorted(keys)
+    assert {"task/cloze/acc", "task/cloze/acc_change", "task/qa/f1", "task/qa/chrf_stderr"} <= set(tasks)
+    keys += [key for key in tasks if key in logged]
+    assert ("task/cloze/acc" in keys) == (step is None) and "task/qa/exact_match" in keys
     for key in keys:
         assert abs(got[key] - logged[key]) <= 1e-6, (key, got[key], logged[key])
 
@@ -90,7 +96,13 @@ def test_report_writes_plots_and_a_summary_with_the_logged_numbers(
     assert done.returncode == 0, done.stderr
     out = run_dir / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["forgetting.png", "learning_rate.png", "task_vs_retention.png", "train_loss.png"]
+    assert pngs == [
+        "forgetting.png",
+        "learning_rate.png",
+        "task_metrics.png",
+        "task_vs_retention.png",
+        "train_loss.png",
+    ]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in (out / "report.md").read_text()
@@ -102,6 +114,12 @@ def test_report_writes_plots_and_a_summary_with_the_logged_numbers(
     assert f"best step by task validation loss: {best['step']} " in text
     printed = re.search(r"forgetting ([+-][0-9.]+)%", text)
     assert printed and float(printed.group(1)) == round(evals[-1]["retention/general/forgetting_pct"], 2)
+    cloze = [r for r in read_metrics(run_dir) if "task/cloze/acc" in r]
+    assert [r["step"] for r in cloze] == [0, 2, 4, 6]  # the task's own interval, and the end
+    line = (
+        f"`task/cloze/acc`: {cloze[0]['task/cloze/acc']:.4f} (step 0) -> {cloze[-1]['task/cloze/acc']:.4f} ± "
+    )
+    assert line in text and "change since step 0" in text
 
 
 def test_report_skips_plots_whose_data_is_missing(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import DDP_RUN_STEPS, SharedRun, base_config, keeltune, write_config
+from tests.conftest import DDP_RUN_STEPS, SharedRun, base_config, keeltune, session_tasks, write_config
 
 SENTINEL = "KEELTUNESENTINEL0123456789abcdef0123456789"  # 42 chars, shaped like a W&B key
 NETRC_SENTINEL = "NETRCSENTINEL9876543210fedcba9876543210fe"
@@ -29,7 +30,11 @@ def test_auto_mode_goes_offline_resumes_the_same_run_and_never_writes_the_key(
         assets,
         tmp_path / "runs",
         training={"max_steps": 40, "warmup_steps": 2, "checkpoint": {"every_steps": 4, "keep_last": 1}},
-        eval={"every_steps": 100, "micro_batch_size": 8},
+        eval={
+            "every_steps": 100,
+            "micro_batch_size": 8,
+            "tasks": [{**session_tasks(assets)[0], "every_steps": 0}],
+        },
         logging={"wandb": {"mode": "auto", "project": "sentinel-test"}},
     )
     cfg = write_config(tmp_path / "cfg.yaml", config)
@@ -60,6 +65,11 @@ def test_auto_mode_goes_offline_resumes_the_same_run_and_never_writes_the_key(
     )  # the resumed attempt logs to the same run
     # the resumed attempt's records are in its file (the killed one lost what W&B had not flushed yet)
     assert b"train/loss" in (offline_runs[-1] / f"run-{run_id}.wandb").read_bytes()
+    # the final eval's per-item results of the task as a W&B Table (its rows: the items' records)
+    tables = list((offline_runs[-1] / "files" / "media" / "table").rglob("*.table.json"))
+    assert len(tables) == 1 and "eval_items/cloze" in str(tables[0])
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 7 and {"gold", "loglikelihoods", "acc", "acc_norm"} <= set(table["columns"])
 
     written = [p for p in list(tmp_path.rglob("*")) if p.is_file() and p.name != ".netrc"]
     assert len(written) > 20

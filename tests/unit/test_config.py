@@ -291,14 +291,16 @@ def test_regularizers_a_backend_cannot_compute_exactly_are_refused_at_load(tmp_p
     ):
         load("regularization:\n  ewc:\n    weight: 1.0\n")
     with pytest.raises(
-        ConfigError, match=r"regularization.early_stopping: watches val/loss; add a data.validation"
+        ConfigError,
+        match=r"regularization.early_stopping.metric: 'val/loss' is not reported by this config .*add "
+        r"data.validation or eval.tasks",
     ):
         load("regularization:\n  early_stopping:\n    patience: 2\n")
     with pytest.raises(
-        ConfigError, match=r"action: best keeps the model .* set max_forgetting_pct and a data.val"
+        ConfigError, match=r"action: best keeps the model .* set max_forgetting_pct or metric \+ max_drop"
     ):
         load("regularization:\n  retention_guard:\n    action: best\n")
-    with pytest.raises(ConfigError, match=r"regularization.retention_guard: watches retention sets"):
+    with pytest.raises(ConfigError, match=r"retention_guard: max_forgetting_pct watches retention sets"):
         load("regularization:\n  retention_guard:\n    max_forgetting_pct: 20\n")
     for text, match in (
         ("kl:\n    weight: -1", r"regularization.kl.weight: must be >= 0"),

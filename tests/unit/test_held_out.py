@@ -60,7 +60,7 @@ def test_the_policy_keeps_the_best_within_the_guard_warns_and_stops_early() -> N
         False,
         False,
     ]  # step 4 scores worse, 6 and 8 breach the guard
-    assert [v.best_val_loss for v in verdicts[:3]] == [True, True, True]
+    assert [v.new_best for v in verdicts[:3]] == [True, True, True]
     assert verdicts[2].warning == ""  # 16% is within the guard's 20%
     assert "retention/g/forgetting_pct 25.0% above" in verdicts[3].warning and verdicts[3].stop == ""
     assert verdicts[4].stop.startswith("early stopping: val/loss did not improve")

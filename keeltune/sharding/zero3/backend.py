@@ -23,7 +23,6 @@ from keeltune.sharding.model import (
     autocast_dtype,
     decay_groups,
     enable_activation_checkpointing,
-    sample_sequences,
 )
 from keeltune.sharding.zero3.export import BUFFERS_FILE, LAYOUT_FILE, consolidate, partition_file
 from keeltune.sharding.zero3.loading import large_allocations_returned, load_partitioned_model
@@ -105,8 +104,10 @@ class Zero3Backend:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def sample(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
-        return sample_sequences(self.model, input_ids, synced_gpus=self.parallel.distributed, **options)
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Every rank runs every forward until all ranks are done (their batches may need different lengths)."""
+        return self.model.generate(input_ids=input_ids, synced_gpus=self.parallel.distributed, **options)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
