@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from keeltune.atomic import write_json_atomically
 from keeltune.config import Config, ConfigError, backend_spec, load_config
 from keeltune.data_pipeline.contamination import contamination_report
@@ -201,6 +203,7 @@ def lm_eval_target(
             include_path=include_path,
             batch_size=config.eval.task_batch_size,
             limit=limit,
+            device="cuda" if torch.cuda.is_available() else "cpu",
         )
     metrics = flat_metrics(results)
     if target.run_dir is None or target.checkpoint is None:

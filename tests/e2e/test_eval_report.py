@@ -62,6 +62,8 @@ def test_eval_on_several_local_ranks_gives_the_one_process_numbers(
     logged = _logged(run_dir, STEPS)
     for key in ("val/loss", "retention/general/loss", "retention/general/forgetting_pct"):
         assert got[key] == logged[key], (key, got[key], logged[key])
+    for key in ("task/cloze/acc", "task/cloze/acc_norm", "task/qa/exact_match"):  # the tasks too
+        assert got[key] == logged[key], (key, got[key], logged[key])
     base = _eval_json(str(assets["model"]), "--config", str(cfg), "--nproc", "3")
     baseline = json.loads((run_dir / "baseline.json").read_text())
     assert base["retention/general/loss"] == baseline["retention/general/loss"]
