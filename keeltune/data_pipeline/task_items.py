@@ -45,9 +45,14 @@ def _check_item(task: TaskConfig, record: Any, where: str, index: int, line: int
         )
     if task.kind == "multiple_choice":
         choices, gold = record.get(fields.choices), record.get(fields.gold)
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
             raise ConfigError(
-                f"{where}: field {fields.choices!r} must be a list of at least two strings, got {choices!r}"
+                f"{where}: field {fields.choices!r} must be a list of at least two non-empty strings (acc_norm "
+                f"divides by a choice's length), got {choices!r}"
             )
         if isinstance(gold, bool) or not isinstance(gold, int):
             raise ConfigError(

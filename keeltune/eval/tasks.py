@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from keeltune.config import TaskConfig
+from keeltune.config.schema import DEFAULT_METRICS
 from keeltune.data_pipeline.formats import encode_record, prompt_ids
 from keeltune.data_pipeline.task_items import TaskItem, load_task_items
 from keeltune.distributed import ParallelEnv
@@ -271,7 +272,7 @@ def run_task(
     ]
     predictions = [t.strip() for t in texts]
     references = [list(i.references) for i in items]
-    metrics = task.metrics or ["exact_match", "f1"]
+    metrics = task.metrics or DEFAULT_METRICS["generate"]
     scores, rows = generation_scores(metrics, predictions, references, bootstrap_iters=bootstrap_iters)
     records = [
         {"index": i.index, "prompt": tokenizer.decode(p), "generation": text, "references": refs, **row}

@@ -41,7 +41,11 @@ def test_bad_task_files_are_refused_with_file_and_line(assets: dict, tmp_path: P
         ({"choices": ["a", "bb"], "gold": 0}, r"mc.jsonl:2: missing field 'text'"),
         (
             {**good, "choices": "a or bb"},
-            r"mc.jsonl:2: field 'choices' must be a list of at least two strings",
+            r"mc.jsonl:2: field 'choices' must be a list of at least two non-empty",
+        ),
+        (
+            {**good, "choices": ["a", ""]},
+            r"mc.jsonl:2: field 'choices' must be a list of at least two non-empty",
         ),
         ({**good, "gold": 2}, r"mc.jsonl:2: 'gold' = 2 is out of range for 2 choices \(0 to 1\)"),
         ({**good, "gold": "1"}, r"mc.jsonl:2: field 'gold' must be the index of the right choice"),
