@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import secrets
+import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keeltune.config import Config
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path, help="run folder")
     report.add_argument("--out", type=Path, help="folder to write (default: RUN/report)")
 
+    _add_review_parser(verbs)
+
     demo = verbs.add_parser("demo", help="pretrain a tiny base on Python's docs, then fine-tune it, offline")
     demo.add_argument("--smoke", action="store_true", help="a tiny version for tests (seconds, not minutes)")
     demo.add_argument(
@@ -178,6 +183,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the unregularized fine-tune (default: also one with replay, side by side)",
     )
     return parser
+
+
+def _add_review_parser(verbs: Any) -> None:
+    review = verbs.add_parser(
+        "review", help="blind side-by-side human review of a run's answers in a web page"
+    )
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help="generate the models' answers to held-out prompts and pair them"
+    )
+    create.add_argument("run", type=Path, help="run folder (its final model, else its newest checkpoint)")
+    create.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="base|RUN|MODEL",
+        help="a model to compare with (repeat for several; default: base, the run's base model)",
+    )
+    create.add_argument(
+        "--prompts",
+        help="a generate task of the run's eval.tasks, or a JSONL file (default: the first generate task, else "
+        "data.validation)",
+    )
+    create.add_argument(
+        "--format",
+        choices=("text", "instruction", "chat", "sharegpt"),
+        help="the --prompts file's format (default: data.validation's)",
+    )
+    create.add_argument("--n", type=int, default=100, help="prompts drawn from the set (default 100)")
+    create.add_argument("--name", default="review", help="the review's name (default: review)")
+    create.add_argument(
+        "--seed",
+        type=int,
+        help="prompt draw, item order and sides (default: a random one, recorded in the hidden key; a seed "
+        "reviewers know would let them work out the sides)",
+    )
+    create.add_argument("--max-new-tokens", type=int, help="answer length (default: the task's, else 128)")
+    create.add_argument("--nproc", type=int, default=1, help="local ranks sharing the generation")
+    create.add_argument(
+        "--slurm",
+        action="store_true",
+        help="generate in a Slurm job (one node, the run's slurm resources; --nproc ranks there) and wait",
+    )
+    serve = actions.add_parser("serve", help="serve the review page (127.0.0.1 unless --host)")
+    serve.add_argument("run", type=Path, help="run folder")
+    serve.add_argument("--name", default="review", help="the review's name (default: review)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free one)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: reach it through SSH)"
+    )
+    results = actions.add_parser("results", help="win rates, agreement and scores from the votes")
+    results.add_argument("run", type=Path, help="run folder")
+    results.add_argument("--name", default="review", help="the review's name (default: review)")
+    results.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -476,7 +535,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from rich.console import Console
@@ -548,6 +606,134 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from keeltune.review.store import ReviewError
+
+    action = {"create": _review_create, "serve": _review_serve, "results": _review_results}[args.action]
+    try:
+        return action(args)
+    except ReviewError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _review_create(args: argparse.Namespace) -> int:
+    from keeltune.review.store import new_review_folder, write_review
+
+    folder = new_review_folder(args.run, args.name)  # refused before any generation
+    options = {
+        "against": [str(Path(a).resolve()) if a != "base" else a for a in args.against],
+        "prompts": str(Path(args.prompts).resolve()) if args.prompts and Path(args.prompts).is_file() else args.prompts,
+        "fmt": args.format, "n": args.n, "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed if args.seed is not None else secrets.randbelow(2**31),
+        "nproc": args.nproc,
+    }  # fmt: skip
+    from keeltune.training.review_answers import check_review, review_items
+
+    if args.slurm:
+        check_review(args.run, **options)  # before the job waits in the queue
+        return _review_on_slurm(args, folder, options)
+    items, key = review_items(args.run, **options)
+    review = write_review(folder, items, key)
+    print(
+        f"review {args.name}: {len(items)} items ({key['prompts']['count']} prompts, models: "
+        f"{', '.join(review.models)}) in {folder}\nserve it: keeltune review serve {shlex.quote(str(args.run))} "
+        f"--name {shlex.quote(args.name)}"
+    )
+    return 0
+
+
+def _review_on_slurm(args: argparse.Namespace, folder: Path, options: dict[str, Any]) -> int:
+    from keeltune.launcher.review_job import submit_review
+    from keeltune.review.store import load_review
+
+    job = submit_review(args.run, args.name, options)
+    print(
+        f"submitted job {job.job_id}: generating the answers of review {args.name} (waiting for it)",
+        flush=True,
+    )
+    try:
+        job.result()
+    except Exception as err:  # submitit's failure, with the job's traceback
+        print(f"error: job {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"its output: {job.paths.stdout} and {job.paths.stderr}", file=sys.stderr)
+        return 1
+    review = load_review(args.run, args.name)
+    print(
+        f"review {args.name}: {len(review.items)} items (models: {', '.join(review.models)}) in {folder}\n"
+        f"serve it: keeltune review serve {shlex.quote(str(args.run))} --name {shlex.quote(args.name)}"
+    )
+    return 0
+
+
+def _review_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from keeltune.review.server import ReviewServer, tunnel_hint
+    from keeltune.review.store import load_review, review_token
+
+    review = load_review(args.run, args.name)
+    server = ReviewServer(review, host=args.host, port=args.port, token=review_token(review.folder))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    voted = len(server.votes.votes)
+    print(
+        f"review {args.name}: {len(review.items)} items, {voted} votes so far\n"
+        f"open: {server.url}\n"
+        f"from your machine, first: {tunnel_hint(server.port)}\n"
+        "stop with Ctrl-C (every vote is on disk as soon as the page shows the next item)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _review_results(args: argparse.Namespace) -> int:
+    import json
+
+    from keeltune.review.results import plot_results, results_markdown, results_rows, review_results
+    from keeltune.review.store import RESULTS_DIR, load_review, read_votes
+
+    review = load_review(args.run, args.name)
+    votes = read_votes(review.folder)
+    items = review.keyed_items()
+    results = review_results(review.models, items, votes, seed=review.key["seed"])
+    out = review.folder / RESULTS_DIR
+    out.mkdir(exist_ok=True)
+    markdown = results_markdown(results, name=args.name)
+    (out / "results.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(results.to_dict(), indent=1))
+    plot_results(results, out / "results.png")
+    _log_review_table(args.run, args.name, results_rows(items, votes, review.models))
+    print(json.dumps(results.to_dict(), indent=1) if args.json else markdown)
+    print(f"written: {out}/results.md, results.png, results.json", file=sys.stderr)
+    return 0
+
+
+def _log_review_table(run_dir: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    """The items with their votes as a W&B Table in the run's W&B run (when the run logs to W&B)."""
+    from keeltune.config import load_config
+    from keeltune.run_folder import CONFIG_FILE, complete_checkpoints
+    from keeltune.training.metrics import MetricsLogger
+
+    config = load_config(run_dir / CONFIG_FILE)
+    if config.logging.wandb.mode == "disabled" or not rows:
+        return
+    checkpoints = complete_checkpoints(run_dir)
+    step = int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
+    logger = MetricsLogger(run_dir, config.logging.wandb, enabled=True, run_config=config.to_dict())
+    try:
+        logger.table(step, f"review/{name}", rows)
+    finally:
+        logger.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from keeltune.demo.run import run_demo
 
@@ -573,6 +759,7 @@ COMMANDS = {
     "export": cmd_export,
     "eval": cmd_eval,
     "report": cmd_report,
+    "review": cmd_review,
     "demo": cmd_demo,
 }
 

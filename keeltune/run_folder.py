@@ -73,3 +73,6 @@ def follow_umask(folder: Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+REVIEW_DIR = "review"  # human reviews: review/<name>/ (keeltune.review.store)

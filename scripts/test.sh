@@ -9,6 +9,8 @@ echo "== ruff"
 echo "== slurm test cluster (tests/slurm; first time on a machine about 30-45 s)"
 bash slurm/local-cluster/install.sh
 bash slurm/local-cluster/start.sh
+echo "== browser for the review page's tests (Debian's chromium, first time about 30 s)"
+bash scripts/install-browser.sh
 echo "== pytest"
 # Without arguments this is the full run (CI's): tests/conftest.py then fails the run on any skip or deselection
 # of a test not marked gpu, even one hidden in PYTEST_ADDOPTS or addopts. With arguments (a subset by hand:

@@ -251,6 +251,21 @@ def prompt_ids(record: dict[str, Any], fmt: str, fields: FieldNames, tokenizer: 
     return list(_chat_builtin(messages, tokenizer).ids) + header
 
 
+def prompt_text(record: dict[str, Any], fmt: str, fields: FieldNames, where: str) -> str:
+    """What a person reads of an item's prompt (a review page): the text, the instruction and its input, or
+    the turns before a trailing answer as ``role: content`` — no template markup."""
+    if fmt == "text":
+        return _string(record, fields.text, where)
+    if fmt == "instruction":
+        return _instruction_user(record, fields, where)["content"]
+    messages = _record_messages(record, fmt, fields, where, need_answer=False)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def training_chat_template(data: DataConfig, tokenizer: Any) -> str | None:
     """The chat template that renders what ``data.train`` is trained on, for the saved tokenizer.
 

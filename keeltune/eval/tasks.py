@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keeltune.config import TaskConfig
+from keeltune.config import TaskConfig, TaskGenerationConfig
 from keeltune.config.schema import DEFAULT_METRICS
 from keeltune.data_pipeline.formats import encode_record, prompt_ids
 from keeltune.data_pipeline.task_items import TaskItem, load_task_items
@@ -174,14 +174,14 @@ class _StopStrings:
 
 
 @torch.no_grad()
-def _generations(
-    model: TaskModel, prompts: list[list[int]], task: TaskConfig, tokenizer: Any, batch_size: int,
-    parallel: ParallelEnv,
+def generate_ids(
+    model: TaskModel, prompts: list[list[int]], settings: TaskGenerationConfig, tokenizer: Any,
+    batch_size: int, parallel: ParallelEnv,
 ) -> list[list[int]]:  # fmt: skip
-    """Each prompt's generated tokens (up to EOS), batched with left padding and the KV cache."""
+    """Each prompt's generated tokens (up to EOS), batched with left padding and the KV cache; every rank
+    returns all of them."""
     from transformers import StoppingCriteriaList
 
-    settings = task.generation
     pad_id = _pad_id(tokenizer)
     slots = torch.zeros(len(prompts), settings.max_new_tokens, dtype=torch.long, device=parallel.device)
     devices = [parallel.device.index or 0] if parallel.device.type == "cuda" else []
@@ -213,7 +213,8 @@ def _generations(
     return [[t - 1 for t in row if t > 0] for row in slots.tolist()]
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> str:
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to the first of ``stops``."""
     cut = min((text.index(s) for s in stops if s in text), default=len(text))
     return text[:cut]
 
@@ -266,9 +267,9 @@ def run_task(
             for i, t, v, row in zip(items, tokens, lls.tolist(), rows, strict=True)
         ]
         return TaskResult(_named(task, scores), records)
-    generated = _generations(model, prepared.prompts, task, tokenizer, batch_size, parallel)
+    generated = generate_ids(model, prepared.prompts, task.generation, tokenizer, batch_size, parallel)
     texts = [
-        _cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), task.generation.stop) for t in generated
+        cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), task.generation.stop) for t in generated
     ]
     predictions = [t.strip() for t in texts]
     references = [list(i.references) for i in items]

@@ -22,12 +22,13 @@ ALLOWED = {
     "sharding": BASE | {"config", "distributed"},
     "eval": BASE | {"config", "distributed", "data_pipeline"},
     "training": BASE | {"config", "distributed", "sharding", "data_pipeline", "eval"},
-    "launcher": BASE | {"config", "distributed", "training", "sharding", "data_pipeline", "eval"},
+    "launcher": BASE | {"config", "distributed", "training", "sharding", "data_pipeline", "eval", "review"},
+    "review": BASE,  # the review's files, page server and statistics: a login node serves them
     "demo": BASE | {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
     "cli": BASE
-    | {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo"},
+    | {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo", "review"},
 }
-TORCH_FREE = {"atomic", "run_folder", "config"}  # may not import torch or deepspeed even inside a function
+TORCH_FREE = {"atomic", "run_folder", "config", "review"}  # may not import torch or deepspeed even inside a function
 
 
 def _part(path: Path) -> str:
@@ -79,6 +80,7 @@ def test_login_node_commands_import_no_torch_or_deepspeed(tmp_path: Path) -> Non
         "import keeltune.launcher.run_dir, keeltune.launcher.local, keeltune.launcher.submit, keeltune.launcher.job\n"
         "import keeltune.launcher.entry, keeltune.launcher.rank_records, keeltune.training.manifest\n"
         "import keeltune.config.plan, keeltune.data_pipeline.prepare, keeltune.run_folder, keeltune.atomic\n"
+        "import keeltune.review.server, keeltune.review.store, keeltune.review.results\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'deepspeed', 'transformers'})\n"
         "print('HEAVY', heavy)\n"
     )

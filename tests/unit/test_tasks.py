@@ -210,7 +210,7 @@ def test_generation_stops_at_a_stop_string_and_cuts_it_off(assets: dict, tmp_pat
 
     from keeltune.config import TaskConfig
     from keeltune.config.schema import TaskGenerationConfig
-    from keeltune.eval.tasks import HFTaskModel, _generations, prepare_task, run_task
+    from keeltune.eval.tasks import HFTaskModel, generate_ids, prepare_task, run_task
 
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
     model = HFTaskModel(AutoModelForCausalLM.from_pretrained(assets["model"]).eval(), None)
@@ -220,7 +220,7 @@ def test_generation_stops_at_a_stop_string_and_cuts_it_off(assets: dict, tmp_pat
         generation = TaskGenerationConfig(max_new_tokens=6, stop=stop)
         task = TaskConfig(name="qa", path=str(path), kind="generate", generation=generation)
         prepared = prepare_task(task, tokenizer, max_length=64)
-        tokens = _generations(model, prepared.prompts, task, tokenizer, 2, ParallelEnv())
+        tokens = generate_ids(model, prepared.prompts, task.generation, tokenizer, 2, ParallelEnv())
         result = run_task(model, prepared, tokenizer, ParallelEnv(), batch_size=2, bootstrap_iters=10)
         return tokens, [item["generation"] for item in result.items]
 
