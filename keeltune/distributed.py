@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import logging
 import os
 import re
@@ -14,8 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -186,6 +190,32 @@ def run_local_ranks(nproc: int, module: str, *args: str) -> int:
         *args,
     ]
     return subprocess.run(command, env=env, check=False).returncode
+
+
+def run_job_on_ranks(nproc: int, module: str, job: dict[str, Any], what: str) -> Any:
+    """``module``'s main on ``nproc`` local ranks, given ``job`` (a JSON file, its ``out`` the file where rank 0
+    writes its JSON result); returns that result. ``what`` names the work in the error of a failed rank."""
+    with tempfile.TemporaryDirectory(prefix="keeltune-ranks-") as tmp:
+        job = {**job, "out": str(Path(tmp) / "out.json")}
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        status = run_local_ranks(nproc, module, str(job_file))
+        if status != 0:
+            raise RuntimeError(f"{what}: the {nproc} ranks failed (exit {status})")
+        return json.loads(Path(job["out"]).read_text())
+
+
+def rank_of_job(argv: list[str] | None, work: Callable[[dict[str, Any], ParallelEnv], Any]) -> int:
+    """One rank of ``run_job_on_ranks``: ``work(job, parallel)`` on this rank; rank 0 writes its result."""
+    job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    parallel = ParallelEnv.from_environment()
+    try:
+        result = work(job, parallel)
+        if parallel.is_main:
+            Path(job["out"]).write_text(json.dumps(result))
+    finally:
+        parallel.close()
+    return 0
 
 
 def master_port(job_id: str) -> int:

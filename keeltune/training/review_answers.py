@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import random
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from typing import Any
 from keeltune.config import ConfigError, FieldNames, TaskConfig, TaskGenerationConfig, load_config
 from keeltune.data_pipeline.formats import prompt_ids, prompt_text
 from keeltune.data_pipeline.task_items import load_task_items
-from keeltune.distributed import ParallelEnv, exit_rank, run_local_ranks
+from keeltune.distributed import ParallelEnv, exit_rank, rank_of_job, run_job_on_ranks
 from keeltune.eval.tasks import HFTaskModel, cut_at_stop, generate_ids
 from keeltune.run_folder import CONFIG_FILE, FINAL_MODEL_DIR
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
@@ -256,25 +254,16 @@ def review_items(run_dir: Path, **options: Any) -> tuple[list[dict[str, Any]], d
 def _answer_on_ranks(
     folder: Path, tokenizer: str, prompts: Prompts, settings: dict[str, Any], nproc: int
 ) -> list[str]:
-    with tempfile.TemporaryDirectory(prefix="keeltune-review-") as tmp:
-        job = {
-            "model_dir": str(folder),
-            "tokenizer": tokenizer,
-            "prompts": {**dataclasses.asdict(prompts)},
-            "settings": settings,
-            "out": str(Path(tmp) / "answers.json"),
-        }
-        job_file = Path(tmp) / "job.json"
-        job_file.write_text(json.dumps(job))
-        status = run_local_ranks(nproc, "keeltune.training.review_answers", str(job_file))
-        if status != 0:
-            raise RuntimeError(f"keeltune review create: the {nproc} generation ranks failed (exit {status})")
-        return json.loads(Path(job["out"]).read_text())
+    job = {
+        "model_dir": str(folder),
+        "tokenizer": tokenizer,
+        "prompts": dataclasses.asdict(prompts),
+        **settings,
+    }
+    return run_job_on_ranks(nproc, "keeltune.training.review_answers", job, "keeltune review create")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """One generation rank under torch's launcher (``keeltune review create --nproc N`` starts them)."""
-    job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+def _answer_job(job: dict[str, Any], parallel: ParallelEnv) -> list[str]:
     spec = job["prompts"]
     prompts = Prompts(
         spec["source"],
@@ -284,16 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         FieldNames(**spec["fields"]),
         TaskGenerationConfig(**spec["generation"]),
     )
-    parallel = ParallelEnv.from_environment()
-    try:
-        answers = answer_prompts(
-            Path(job["model_dir"]), job["tokenizer"], prompts, **job["settings"], parallel=parallel
-        )
-        if parallel.is_main:
-            Path(job["out"]).write_text(json.dumps(answers))
-    finally:
-        parallel.close()
-    return 0
+    return answer_prompts(
+        Path(job["model_dir"]), job["tokenizer"], prompts, max_length=job["max_length"],
+        batch_size=job["batch_size"], precision=job["precision"], parallel=parallel,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One generation rank under torch's launcher (``keeltune review create --nproc N`` starts them)."""
+    return rank_of_job(argv, _answer_job)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from keeltune.config import Config, ConfigError, backend_spec, load_config
 from keeltune.data_pipeline.contamination import contamination_report
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
-from keeltune.distributed import ParallelEnv, exit_rank, run_local_ranks
+from keeltune.distributed import ParallelEnv, exit_rank, rank_of_job, run_job_on_ranks
 from keeltune.eval.evaluate import evaluate_sets, forgetting
 from keeltune.eval.names import held_out_names, task_change
 from keeltune.eval.scoring import check_tasks
@@ -236,31 +235,25 @@ def _evaluate_on_ranks(
             "tokenizer": tokenizer_path,
             "folders": {name: str(folder) for name, folder in folders.items()},
             "max_samples": max_samples,
-            "out": str(Path(tmp) / "results.json"),
         }
-        job_file = Path(tmp) / "job.json"
-        job_file.write_text(json.dumps(job))
-        status = run_local_ranks(nproc, "keeltune.training.run_eval", str(job_file))
-        if status != 0:
-            raise RuntimeError(f"keeltune eval: the {nproc} evaluation ranks failed (exit {status})")
-        return json.loads(Path(job["out"]).read_text())
+        return run_job_on_ranks(nproc, "keeltune.training.run_eval", job, "keeltune eval")
+
+
+def _evaluate_job(job: dict[str, Any], parallel: ParallelEnv) -> dict[str, float]:
+    folders = {name: Path(folder) for name, folder in job["folders"].items()}
+    return evaluate_folder(
+        Path(job["model_dir"]),
+        job["tokenizer"],
+        folders,
+        load_config(job["config"]),
+        job["max_samples"],
+        parallel,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """One evaluation rank under torch's launcher (``keeltune eval --nproc N`` starts them)."""
-    job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    parallel = ParallelEnv.from_environment()
-    try:
-        config = load_config(job["config"])
-        folders = {name: Path(folder) for name, folder in job["folders"].items()}
-        results = evaluate_folder(
-            Path(job["model_dir"]), job["tokenizer"], folders, config, job["max_samples"], parallel
-        )
-        if parallel.is_main:
-            Path(job["out"]).write_text(json.dumps(results))
-    finally:
-        parallel.close()
-    return 0
+    return rank_of_job(argv, _evaluate_job)
 
 
 if __name__ == "__main__":
