@@ -26,9 +26,24 @@ ALLOWED = {
     "review": BASE,  # the review's files, page server and statistics: a login node serves them
     "demo": BASE | {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
     "cli": BASE
-    | {"config", "distributed", "launcher", "training", "sharding", "data_pipeline", "eval", "demo", "review"},
+    | {
+        "config",
+        "distributed",
+        "launcher",
+        "training",
+        "sharding",
+        "data_pipeline",
+        "eval",
+        "demo",
+        "review",
+    },
 }
-TORCH_FREE = {"atomic", "run_folder", "config", "review"}  # may not import torch or deepspeed even inside a function
+TORCH_FREE = {
+    "atomic",
+    "run_folder",
+    "config",
+    "review",
+}  # may not import torch or deepspeed even inside a function
 
 
 def _part(path: Path) -> str:
