@@ -241,6 +241,20 @@ def screenshot(page: Page, path: Path, readme: bool = False) -> None:
 # ------------------------------------------------------------------------------------------------ the review
 
 
+def seed_with_wins_and_losses() -> int:
+    """A seed whose sides make the test's A/B votes (items 0 and 1 and 3: A, B, B) a win for the run on some
+    item and a loss on another, so the results cover every outcome (the default seed is random)."""
+    from keeltune.training.review_answers import pair_items
+
+    for seed in range(100):
+        items, sides, _ = pair_items([""] * len(PROMPTS), [[""] * len(PROMPTS)] * 2, seed)
+        run_side = ["A" if sides[item["id"]]["A"] == 0 else "B" for item in items]
+        outcomes = {run_side[0] == "A", run_side[1] == "B", run_side[3] == "B"}
+        if outcomes == {True, False}:
+            return seed
+    raise AssertionError("no seed below 100 mixes wins and losses")
+
+
 def make_review(ddp_run: SharedRun, assets: dict[str, Path], tmp_path: Path) -> Path:
     """A 5-item review ``r1`` of the tiny run, renamed ``ft-zebra``, against a copy of its base model called
     ``okapi-base-model``; some answers rewritten (markup, and readable ones for the screenshot)."""
@@ -251,6 +265,7 @@ def make_review(ddp_run: SharedRun, assets: dict[str, Path], tmp_path: Path) -> 
     done = keeltune(
         "review", "create", str(run_dir), "--against", str(other), "--prompts", str(prompts),
         "--format", "instruction", "--n", "5", "--max-new-tokens", "12", "--name", NAME,
+        "--seed", str(seed_with_wins_and_losses()),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"models: {RUN_NAME}, {OTHER_NAME}" in done.stdout
