@@ -41,6 +41,7 @@ def _load_with_resources(args: argparse.Namespace):
     """The config with the command line's Slurm resources applied, checked for its world size, paths and
     evaluation tasks."""
     from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
 
     overrides = list(args.overrides)
@@ -52,6 +53,7 @@ def _load_with_resources(args: argparse.Namespace):
     check_world_size(config, config.slurm.world_size)
     check_paths(config)
     check_tasks(config)  # task files and user metrics, before the job waits in a queue
+    check_probes(config)  # bias probe files too
     return config
 
 
@@ -153,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--limit", type=int, help="--lm-eval: at most this many items per task")
     evaluation.add_argument(
         "--nproc", type=int, default=1, help="local ranks sharing the samples, started with torch's launcher"
+    )
+    evaluation.add_argument(
+        "--bias",
+        action="store_true",
+        help="score the config's eval.bias probes on the model and on its base: bias amplification with "
+        "bootstrap intervals (a run: written to RUN/bias/step_N.json)",
     )
 
     report = verbs.add_parser("report", help="plots and a markdown summary of a run (from its metrics.jsonl)")
@@ -262,6 +270,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from keeltune.config import check_paths, load_config
     from keeltune.data_pipeline.contamination import contamination_report, summary_lines
     from keeltune.data_pipeline.prepare import prepare_sets
+    from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
     from keeltune.sharding.model import load_tokenizer
 
@@ -269,6 +278,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     check_paths(config)
     for name, count in check_tasks(config).items():
         print(f"eval task {name}: {count} items")
+    for name, counts in check_probes(config).items():
+        print(f"bias probe {name}: " + ", ".join(f"{axis} {n} items" for axis, n in counts.items()))
     console = Console(stderr=True)
     logger = logging.getLogger("keeltune")
     logger.setLevel(logging.INFO)
@@ -287,6 +298,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
     from keeltune.launcher.local import run_local
     from keeltune.launcher.run_dir import prepare_run_dir
@@ -295,6 +307,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_world_size(config, args.nproc)
     check_paths(config)
     check_tasks(config)
+    check_probes(config)
     run_dir, checkpoint = prepare_run_dir(config)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
     print(f"run folder: {run_dir} ({where}, {args.nproc} rank(s))", file=sys.stderr)
@@ -558,6 +571,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if saved is not None:
             print(f"lm-eval results written to {saved} and the run's metrics.jsonl", file=sys.stderr)
         return 0
+    if args.bias:
+        return _print_bias(target, args)
     names = [name for name in args.tasks.split(",") if name] if args.tasks else None
     target = dataclasses.replace(target, config=select_tasks(target.config, names))
     results = evaluate_target(target, max_samples=args.max_samples, nproc=args.nproc, sets=names is None)
@@ -595,6 +610,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "" if change is None else f"{change:+.4f}",
             )
         console.print(table)
+    return 0
+
+
+def _print_bias(target: Any, args: argparse.Namespace) -> int:
+    """``keeltune eval --bias``: a table of every probe, axis and metric (or JSON)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from keeltune.training.run_eval import bias_target
+
+    results, saved = bias_target(target, nproc=args.nproc)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        table = Table(title=f"bias: {target.label} against its base {target.config.model.path}")
+        for column in ("probe", "axis", "metric", "base", "model", "amplification", "interval"):
+            table.add_column(column, justify="left" if column in ("probe", "axis", "metric") else "right")
+        for key, value in results.items():
+            amplification = results.get(key + "_amplification")
+            if amplification is None:
+                continue
+            _, probe, axis, name = key.split("/")
+            low, high = results.get(key + "_amplification_lo"), results.get(key + "_amplification_hi")
+            interval = "" if low is None or high is None else f"[{low:+.4f}, {high:+.4f}]"
+            table.add_row(
+                probe,
+                axis,
+                name,
+                f"{value - amplification:.4f}",
+                f"{value:.4f}",
+                f"{amplification:+.4f}",
+                interval,
+            )
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if saved is not None:
+        print(f"bias results written to {saved}", file=sys.stderr)
     return 0
 
 
@@ -767,12 +820,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from keeltune.config import ConfigError
     from keeltune.data_pipeline.prepare import DataError
+    from keeltune.eval.bias.items import ProbeError
     from keeltune.training.manifest import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, ProbeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

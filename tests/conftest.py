@@ -376,9 +376,21 @@ def session_tasks(assets: dict[str, Path]) -> list[dict[str, Any]]:
     ]
 
 
+def session_bias_probes() -> dict[str, Any]:
+    """A few of keeltune's built-in bias probes (pairs on two axes, templates on one), evenly spaced subsets."""
+    return {
+        "probes": [
+            {"kind": "pairs", "axes": ["gender", "age"], "max_items_per_axis": 16},
+            {"kind": "templates", "axes": ["religion"], "max_items_per_axis": 8},
+        ],
+        "bootstrap_iters": 200,
+    }
+
+
 def ddp_run_config(assets: dict[str, Path], run_root: Path) -> dict[str, Any]:
-    """The shared ddp run: 6 steps, evaluated at steps 0, 3 and 6 (the cloze task also at 2 and 4), checkpointed
-    at 3 and 6 (both kept), reading in the training process (no DataLoader worker)."""
+    """The shared ddp run: 6 steps, evaluated at steps 0, 3 and 6 (the cloze task also at 2 and 4; bias probes
+    with the held-out sets), checkpointed at 3 and 6 (both kept), reading in the training process (no
+    DataLoader worker)."""
     return base_config(
         assets,
         run_root,
@@ -392,6 +404,7 @@ def ddp_run_config(assets: dict[str, Path], run_root: Path) -> dict[str, Any]:
             "micro_batch_size": 4,
             "tasks": session_tasks(assets),
             "bootstrap_iters": 100,
+            "bias": session_bias_probes(),
         },
         # tokenize inline (the forked pool hung twice here on a loaded machine); read in the training process
         data={"prepare_workers": 1, "loader_workers": 0},

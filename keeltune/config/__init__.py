@@ -12,9 +12,17 @@ from keeltune.config.backends import BACKENDS, DEFAULT_BACKEND, BackendSpec, bac
 from keeltune.config.checks import check_paths, check_world_size
 from keeltune.config.loader import config_from_dict, load_config, resume_differences
 from keeltune.config.schema import (
+    BIAS_AXES,
+    BIAS_METRICS,
     RESUME_MUTABLE,
+    SWAP_AXES,
+    BiasConfig,
+    BiasGuardConfig,
+    BiasProbeConfig,
     Config,
     ConfigError,
+    ConsistencyConfig,
+    CounterfactualConfig,
     DataConfig,
     EarlyStoppingConfig,
     FieldNames,
@@ -31,6 +39,14 @@ from keeltune.config.schema import (
 
 __all__ = [
     "BACKENDS",
+    "BIAS_AXES",
+    "BIAS_METRICS",
+    "SWAP_AXES",
+    "BiasConfig",
+    "BiasGuardConfig",
+    "BiasProbeConfig",
+    "ConsistencyConfig",
+    "CounterfactualConfig",
     "BackendSpec",
     "DEFAULT_BACKEND",
     "backend_spec",

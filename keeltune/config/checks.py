@@ -37,6 +37,17 @@ def check_paths(config: Config) -> None:
             raise ConfigError(
                 f"{key}.path: {pattern} does not exist (a file, a glob matching files, or a folder is expected)"
             )
+    files = [(f"eval.bias.probes.{i}.path", p.path) for i, p in enumerate(config.eval.bias.probes) if p.path]
+    files += [(f"eval.bias.probes.{i}.anti_path", p.anti_path) for i, p in enumerate(config.eval.bias.probes)]
+    files += [
+        (f"data.train.{i}.counterfactual.swaps", s.counterfactual.swaps)
+        for i, s in enumerate(config.data.train)
+        if s.counterfactual is not None
+    ]
+    files.append(("regularization.consistency.swaps", config.regularization.consistency.swaps))
+    for key, file in files:
+        if file and not Path(file).is_file():
+            raise ConfigError(f"{key}: {file} is not a file")
     root = Path(config.run.root).absolute()
     existing = root
     while not existing.exists():

@@ -328,6 +328,23 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for entry in entries:
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
                 entry["path"] = fix(entry["path"])
+            if isinstance(entry, dict):
+                _fix_keys(entry.get("counterfactual"), ("swaps",), fix)
+    regularization = data.get("regularization")
+    if isinstance(regularization, dict):
+        _fix_keys(regularization.get("consistency"), ("swaps",), fix)
+    evaluation = data.get("eval")
+    bias = evaluation.get("bias") if isinstance(evaluation, dict) else None
+    for probe in (bias.get("probes") or []) if isinstance(bias, dict) else []:
+        _fix_keys(probe, ("path", "anti_path"), fix)
+
+
+def _fix_keys(entry: Any, keys: tuple[str, ...], fix: typing.Callable[[str], str]) -> None:
+    """``fix`` applied to the string values of ``keys`` in ``entry`` when it is a mapping."""
+    if isinstance(entry, dict):
+        for key in keys:
+            if isinstance(entry.get(key), str):
+                entry[key] = fix(entry[key])
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Config:

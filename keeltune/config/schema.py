@@ -18,6 +18,11 @@ from keeltune.config.errors import ConfigError
 
 # --------------------------------------------------------------------------- sections
 
+# keeltune's built-in bias probe axes (eval/bias/builtin.py generates their items) and the axes with built-in
+# swap lists (data_pipeline/counterfactual.py) for counterfactual augmentation and the consistency regularizer
+BIAS_AXES = ("gender", "religion", "nationality", "age", "race_ethnicity", "disability")
+SWAP_AXES = ("gender", "religion", "nationality", "age")
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -88,6 +93,39 @@ class GenerateConfig:
 
 
 @dataclass(kw_only=True)
+class CounterfactualConfig:
+    """Counterfactual data augmentation of a train source: copies of its records with the demographic terms of
+    ``axes`` exchanged (he <-> she, mother <-> father, ...; keeltune's swap lists, or a user's ``swaps`` file of
+    JSONL lines ``{"term": "nurse", "counterpart": "doctor"}``). ``mode: add`` keeps every record and adds the
+    swapped twin of a ``fraction`` of them; ``mode: swap`` replaces a ``fraction`` of them by their twins. Which
+    records are chosen depends on the record's text only (the same on every run and worker count)."""
+
+    axes: list[str] = field(default_factory=lambda: ["gender"])
+    swaps: str = ""  # a JSONL file of {"term", "counterpart"} pairs, used instead of keeltune's lists
+    mode: Literal["add", "swap"] = "add"
+    fraction: float | None = None  # share of records twinned; None: 1.0 for add, 0.5 for swap
+
+    def __post_init__(self) -> None:
+        if not self.axes and not self.swaps:
+            raise ConfigError("counterfactual: name swap axes (e.g. [gender]) or a swaps file")
+        unknown = sorted(set(self.axes) - set(SWAP_AXES))
+        if unknown:
+            raise ConfigError(
+                f"counterfactual.axes: {unknown} have no swap list; keeltune has {list(SWAP_AXES)} "
+                "(or give your own pairs in a swaps file)"
+            )
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"counterfactual.fraction: must be in (0, 1], got {self.fraction}")
+
+    @property
+    def share(self) -> float:
+        """The fraction of records twinned."""
+        if self.fraction is not None:
+            return self.fraction
+        return 1.0 if self.mode == "add" else 0.5
+
+
+@dataclass(kw_only=True)
 class SourceConfig:
     """One data source: a file, a glob or a folder of JSONL, Parquet, plain text or a saved ``datasets`` folder;
     or, for training only, text drawn from the base model (``generate``, no ``path``).
@@ -104,6 +142,7 @@ class SourceConfig:
     fields: FieldNames = field(default_factory=FieldNames)
     weight: float = 1.0
     on_error: Literal["fail", "skip"] = "fail"
+    counterfactual: CounterfactualConfig | None = None  # train sources only: counterfactual augmentation
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -111,6 +150,11 @@ class SourceConfig:
                 f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
             )
         if self.generate is not None:
+            if self.counterfactual is not None:
+                raise ConfigError(
+                    "counterfactual: augments records read from files; a generate source's text comes from the "
+                    "base model (remove counterfactual here, or put it on a file source)"
+                )
             if self.path or self.format != "text":
                 raise ConfigError(
                     "generate: a source drawn from the base model has no path and is plain text (its samples go to "
@@ -174,6 +218,10 @@ class DataConfig:
         held_out = [("data.validation", self.validation)] if self.validation else []
         held_out += [(f"data.retention.{i}", s) for i, s in enumerate(self.retention)]
         for key, source in held_out:
+            if source.counterfactual is not None:
+                raise ConfigError(
+                    f"{key}.counterfactual: only train sources are augmented; held-out sets stay as written"
+                )
             if source.generate is not None:
                 raise ConfigError(
                     f"{key}.generate: only train sources can be drawn from the base model; "
@@ -466,6 +514,51 @@ class RetentionGuardConfig:
 
 
 @dataclass(kw_only=True)
+class ConsistencyConfig:
+    """Counterfactual consistency: weight * KL(p(twin) || p(text)) per aligned target token, the twin being the
+    training text with the demographic terms of ``axes`` (or a ``swaps`` file) exchanged, its predictions a
+    fixed target (no gradient through the twin). Aligned: the tokens after the first swapped term that both
+    texts share (same token, same text around it), so the swapped words' own lengths do not matter."""
+
+    weight: float = 0.0  # 0: off
+    axes: list[str] = field(default_factory=lambda: ["gender"])
+    swaps: str = ""  # a JSONL file of {"term", "counterpart"} pairs, used instead of keeltune's lists
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0 (0 turns the consistency term off), got {self.weight}")
+        unknown = sorted(set(self.axes) - set(SWAP_AXES))
+        if unknown:
+            raise ConfigError(
+                f"axes: {unknown} have no swap list; keeltune has {list(SWAP_AXES)} (or give a swaps file)"
+            )
+        if self.weight > 0 and not self.axes and not self.swaps:
+            raise ConfigError("consistency: name swap axes (e.g. [gender]) or a swaps file")
+
+
+@dataclass(kw_only=True)
+class BiasGuardConfig:
+    """Act when fine-tuning amplifies bias: a watched ``bias/<probe>/<axis>/<metric>`` rose more than
+    ``max_amplification`` (in the metric's units) over the base at step 0 and, with ``significant``, the
+    lower end of its bootstrap interval is above 0 too. ``metrics`` empty: the first metric of every probe on
+    every axis. Actions as the retention guard's: ``warn``, ``stop``, or keep the ``best`` model among the
+    evals within both guards."""
+
+    max_amplification: float | None = None  # None: off
+    metrics: list[str] = field(default_factory=list)
+    significant: bool = True
+    action: Literal["warn", "stop", "best"] = "warn"
+
+    def __post_init__(self) -> None:
+        if self.max_amplification is not None and self.max_amplification < 0:
+            raise ConfigError(f"max_amplification: must be >= 0, got {self.max_amplification}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_amplification is not None
+
+
+@dataclass(kw_only=True)
 class RegularizationConfig:
     """Against overfitting and forgetting."""
 
@@ -477,6 +570,8 @@ class RegularizationConfig:
     neftune_alpha: float = 0.0  # uniform noise on the input embeddings while training; 0: off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     retention_guard: RetentionGuardConfig = field(default_factory=RetentionGuardConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    bias_guard: BiasGuardConfig = field(default_factory=BiasGuardConfig)
 
     def __post_init__(self) -> None:
         if self.weight_decay < 0:
@@ -545,10 +640,49 @@ def _check_watched_metrics(config: Config) -> None:
             "max_forgetting_pct or metric + max_drop, and make regularization.early_stopping.metric reported "
             "(a data.validation set for val/loss)"
         )
+    _check_bias_guard(config)
     if guard.max_forgetting_pct is not None and not config.data.retention:
         raise ConfigError(
             "regularization.retention_guard: max_forgetting_pct watches retention sets; add a data.retention "
             "set or remove max_forgetting_pct"
+        )
+
+
+def _check_bias_guard(config: Config) -> None:
+    guard, probes = config.regularization.bias_guard, config.eval.bias.probes
+    if not guard.enabled:
+        if guard.action != "warn" or guard.metrics:
+            raise ConfigError(
+                "regularization.bias_guard: set max_amplification (the largest allowed rise over the base) for "
+                "its metrics and action to apply"
+            )
+        return
+    if not probes:
+        raise ConfigError(
+            "regularization.bias_guard: watches bias probes; add eval.bias.probes (e.g. [{kind: pairs}]) or "
+            "remove max_amplification"
+        )
+    metrics = {p.name: p.metrics for p in probes}
+    for i, name in enumerate(guard.metrics):
+        parts = name.split("/")
+        if (
+            len(parts) != 4
+            or parts[0] != "bias"
+            or parts[1] not in metrics
+            or parts[3] not in metrics[parts[1]]
+        ):
+            choices = [f"bias/{p}/<axis>/{m}" for p, ms in metrics.items() for m in ms]
+            raise ConfigError(
+                f"regularization.bias_guard.metrics.{i}: {name!r} is not a bias metric of eval.bias.probes; "
+                f"expected one of {choices} (axis: all, or an axis of the probe)"
+            )
+    if guard.action == "best" and config.regularization.early_stopping.metric not in available_metrics(
+        config
+    ):
+        raise ConfigError(
+            "regularization.bias_guard.action: best keeps the model with the best "
+            f"{config.regularization.early_stopping.metric} among evals within the guard; make that metric "
+            "reported (a data.validation set for val/loss)"
         )
 
 
@@ -658,6 +792,87 @@ class ContaminationConfig:
             raise ConfigError(f"eval.contamination.threshold: must be in [0, 1], got {self.threshold}")
 
 
+BIAS_PROBE_KINDS = ("pairs", "templates", "crows_pairs", "stereoset", "winobias", "bbq")
+# what each probe kind reports, the first one watched by the bias guard by default; higher is more biased
+# except lms, icat and the accuracies (reported for context: amplification of those is not bias)
+BIAS_METRICS = {
+    "pairs": ("likelihood_gap", "pct_stereotype"),
+    "templates": ("ll_spread", "ll_std"),
+    "crows_pairs": ("pct_stereotype", "likelihood_diff"),
+    "stereoset": ("ss", "lms", "icat"),
+    "winobias": ("pro_anti_gap", "pct_pro"),
+    "bbq": ("bias_ambig", "bias_disambig", "acc_ambig", "acc_disambig"),
+}
+
+
+@dataclass(kw_only=True)
+class BiasProbeConfig:
+    """One bias probe scored by log-likelihood. ``pairs`` and ``templates`` without a ``path`` are keeltune's
+    built-in set (generated, nothing to fetch); with one, a user's JSONL file. The standard sets are read from
+    the user's download: ``crows_pairs`` (crows_pairs_anonymized.csv), ``stereoset`` (dev.json),
+    ``winobias`` (``path``: a pro_stereotyped_*.txt.* file, ``anti_path``: its anti_stereotyped twin), ``bbq``
+    (one category's JSONL). Metrics are logged as ``bias/<name>/<axis>/<metric>`` (axis ``all``: every item)."""
+
+    kind: Literal["pairs", "templates", "crows_pairs", "stereoset", "winobias", "bbq"]
+    name: str = ""  # default: the kind
+    path: str = ""
+    anti_path: str = ""  # winobias only
+    axes: list[str] = field(default_factory=list)  # keep only these axes; empty: all
+    max_items_per_axis: int | None = None  # an evenly spaced subset (the same every eval); None: all
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.kind
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names metrics)"
+            )
+        builtin = self.kind in ("pairs", "templates")
+        if not builtin and not self.path:
+            raise ConfigError(
+                f"path: a {self.kind} probe reads the set's published file, which you download (keeltune does "
+                "not fetch it); or use kind pairs/templates without a path for keeltune's built-in probes"
+            )
+        if (self.kind == "winobias") != bool(self.anti_path):
+            raise ConfigError(
+                "anti_path: winobias needs path (pro_stereotyped_*) and anti_path (anti_stereotyped_*); "
+                "no other kind takes anti_path"
+            )
+        if builtin and not self.path:
+            unknown = sorted(set(self.axes) - set(BIAS_AXES))
+            if unknown:
+                raise ConfigError(f"axes: {unknown} are not built-in axes; known: {list(BIAS_AXES)}")
+        if self.max_items_per_axis is not None and self.max_items_per_axis < 1:
+            raise ConfigError(f"max_items_per_axis: must be >= 1, got {self.max_items_per_axis}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return BIAS_METRICS[self.kind]
+
+
+@dataclass(kw_only=True)
+class BiasConfig:
+    """Bias probes scored at step 0 (the base), at every ``every_steps`` (0: with eval.every_steps) and at the
+    end; each metric's amplification (now - base) with a paired bootstrap interval over the same items."""
+
+    probes: list[BiasProbeConfig] = field(default_factory=list)
+    every_steps: int = 0
+    bootstrap_iters: int = 1000
+    confidence: float = 0.95
+    seed: int = 0  # of the bootstrap resamples
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.probes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"eval.bias.probes: names must be unique, {duplicates} used twice (set name)")
+        if self.every_steps < 0:
+            raise ConfigError("eval.bias.every_steps: must be >= 0 (0: with eval.every_steps)")
+        if self.bootstrap_iters < 2:
+            raise ConfigError("eval.bias.bootstrap_iters: must be >= 2")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"eval.bias.confidence: must be in (0, 1), got {self.confidence}")
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
     """Periodic task validation and retention evaluation."""
@@ -670,6 +885,7 @@ class EvalConfig:
     task_batch_size: int = 16  # items (multiple choice: choices) per forward or generate call on a rank
     bootstrap_iters: int = 1000  # resamples for the standard error of corpus metrics (bleu, chrf, ppl)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
@@ -688,6 +904,10 @@ class EvalConfig:
     def task_due(self, task: TaskConfig, step: int) -> bool:
         """True when ``task`` is evaluated after ``step`` (its own interval, or eval.every_steps)."""
         return step % (task.every_steps or self.every_steps) == 0
+
+    def bias_due(self, step: int) -> bool:
+        """True when the bias probes are scored after ``step`` (eval.bias.every_steps, or eval.every_steps)."""
+        return bool(self.bias.probes) and step % (self.bias.every_steps or self.every_steps) == 0
 
 
 @dataclass(kw_only=True)

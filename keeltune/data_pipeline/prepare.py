@@ -34,6 +34,7 @@ import numpy as np
 
 from keeltune.atomic import atomic_path, fsync_folder, write_json_atomically
 from keeltune.config import DataConfig, FieldNames, SourceConfig
+from keeltune.data_pipeline.counterfactual import Augmenter, summary
 from keeltune.data_pipeline.formats import Document, encode_record, own_chat_template
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
 
@@ -102,13 +103,20 @@ def recipe(
     long_prompts: str = "truncate",
     digests: bool = False,
 ) -> dict[str, Any]:
-    """Everything the prepared samples depend on besides the tokenizer: settings and the input files (size,
-    modification time, and with ``digests`` their sha256)."""
+    """Everything the prepared samples depend on besides the tokenizer: settings (with the sha256 of a
+    counterfactual swaps file) and the input files (size, modification time, and with ``digests`` their sha256)."""
     files = []
     for path, kind in resolve_files(source.path, source.type):
         stats = {"path": str(path), "type": kind, **_file_stat(path)}
         files.append({**stats, "sha256": file_digest(path)} if digests else stats)
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "weight")}
+    swaps = source.counterfactual.swaps if source.counterfactual else ""
+    if swaps:
+        if not Path(swaps).is_file():
+            raise DataError(
+                f"{swaps}: the counterfactual swaps file of source {source.name!r} does not exist"
+            )
+        settings["counterfactual"]["swaps_sha256"] = file_digest(Path(swaps))
     return {
         **settings, "seq_len": seq_len, "long_documents": long_documents, "long_prompts": long_prompts,
         "files": files,
@@ -162,25 +170,28 @@ def _record_new_places(folder: Path, index: dict[str, Any], now: dict[str, Any])
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, fmt: str, fields: FieldNames) -> None:
-    _WORKER.update(tokenizer=tokenizer, fmt=fmt, fields=fields)
+def _init_worker(tokenizer: Any, fmt: str, fields: FieldNames, augment: Augmenter | None) -> None:
+    _WORKER.update(tokenizer=tokenizer, fmt=fmt, fields=fields, augment=augment)
 
 
-def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[Document | None, str]]:
-    """(document or None, error message) per (location, payload)."""
-    out: list[tuple[Document | None, str]] = []
+def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[tuple[list[Document], str, str]]:
+    """(documents, error message, counterfactual outcome) per (location, payload): one document per record,
+    two for a record that gains a counterfactual twin, none for a bad record."""
+    out: list[tuple[list[Document], str, str]] = []
     for location, payload in chunk:
         try:
             record = decode_payload(location, payload, _WORKER["fields"].text)
-            document = encode_record(
-                record, _WORKER["fmt"], _WORKER["fields"], _WORKER["tokenizer"], location
-            )
-            # arrays travel between processes far faster than lists
-            out.append(
-                (Document(np.asarray(document.ids, np.int32), np.asarray(document.loss_mask, np.uint8)), "")
-            )
+            records, outcome = _WORKER["augment"](record) if _WORKER["augment"] else ([record], "")
+            documents = []
+            for item in records:
+                where = location if item is record else f"{location} (counterfactual twin)"
+                document = encode_record(item, _WORKER["fmt"], _WORKER["fields"], _WORKER["tokenizer"], where)
+                # arrays travel between processes far faster than lists
+                ids, mask = np.asarray(document.ids, np.int32), np.asarray(document.loss_mask, np.uint8)
+                documents.append(Document(ids, mask))
+            out.append((documents, "", outcome))
         except DataError as err:
-            out.append((None, str(err)))
+            out.append(([], str(err), ""))
     return out
 
 
@@ -197,9 +208,9 @@ def _chunks(records: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tupl
 
 def _encoded(
     records: Iterable[tuple[str, Any]], tokenizer: Any, source: SourceConfig, workers: int
-) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[Document | None, str]]]]:
-    """(chunk, results) in input order, tokenized by ``workers`` processes (inline for one)."""
-    initargs = (tokenizer, source.format, source.fields)
+) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[list[Document], str, str]]]]:
+    """(chunk, results) in input order, tokenized (and augmented) by ``workers`` processes (inline for one)."""
+    initargs = (tokenizer, source.format, source.fields, Augmenter.from_source(source))
     if workers == 1:
         _init_worker(*initargs)
         for chunk in _chunks(records, CHUNK_RECORDS):
@@ -311,35 +322,40 @@ def _pack_records(
     workers: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> dict[str, int]:
-    """Tokenize every record into ``writer``; bad ones fail or go to ``rejects``; records whose prompt fills the
-    sequence are cut or dropped (``long_prompts``). Returns the counts."""
+    """Tokenize every record (and its counterfactual twin) into ``writer``; bad ones fail or go to ``rejects``;
+    records whose prompt fills the sequence are cut or dropped (``long_prompts``). Returns the counts."""
     counts = {
         "records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0, "long_prompts_cut": 0,
         "long_prompts_dropped": 0,
     }  # fmt: skip
+    if source.counterfactual is not None:
+        counts.update(counterfactual_twinned=0, counterfactual_unchanged=0)
     width = writer.seq_len + 1
     for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
-        for (location, payload), (document, error) in zip(chunk, results, strict=True):
+        for (location, payload), (documents, error, outcome) in zip(chunk, results, strict=True):
             counts["records"] += 1
-            if document is None:
+            if error:
                 if source.on_error == "fail":
                     raise DataError(f"{error} (or set on_error: skip on source {source.name!r})")
                 counts["rejected"] += 1
                 rejects.write(json.dumps({"where": location, "error": error, "raw": _raw(payload)}) + "\n")
                 continue
-            shortened = shorten_prompt(document, writer.seq_len, tokenizer.bos_token_id)
-            if shortened is not None:
-                if long_prompts == "drop":
-                    counts["long_prompts_dropped"] += 1
-                    continue
-                counts["long_prompts_cut"] += 1
-                document = shortened
-            if long_documents == "truncate" and len(document.ids) > width:
-                counts["truncated"] += 1
-                document = Document(document.ids[:width], document.loss_mask[:width])
-            counts["documents"] += 1
-            counts["tokens"] += len(document.ids)
-            writer.add(document)
+            if outcome:
+                counts[f"counterfactual_{outcome}"] += 1
+            for document in documents:
+                shortened = shorten_prompt(document, writer.seq_len, tokenizer.bos_token_id)
+                if shortened is not None:
+                    if long_prompts == "drop":
+                        counts["long_prompts_dropped"] += 1
+                        continue
+                    counts["long_prompts_cut"] += 1
+                    document = shortened
+                if long_documents == "truncate" and len(document.ids) > width:
+                    counts["truncated"] += 1
+                    document = Document(document.ids[:width], document.loss_mask[:width])
+                counts["documents"] += 1
+                counts["tokens"] += len(document.ids)
+                writer.add(document)
         if on_progress:
             on_progress(counts["records"], counts["tokens"])
     writer.finish()
@@ -398,6 +414,11 @@ def prepare_source(
         else:
             (tmp / REJECTS_FILE).unlink()
         _warn_long_prompts(source, counts, seq_len, long_prompts)
+        if source.counterfactual is not None:
+            log.info(
+                "%s: %s", source.name, summary(source.counterfactual, counts["records"],
+                counts["counterfactual_twinned"], counts["counterfactual_unchanged"]),
+            )  # fmt: skip
         index = {
             "format_version": FORMAT_VERSION,
             "name": source.name,

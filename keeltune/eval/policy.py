@@ -1,14 +1,23 @@
 """What to do after each held-out eval: early stopping on a watched metric (``val/loss`` by default, or any task
-metric), and the retention guard (warn, stop, or keep the best model by task and retention together); one
+metric), the retention guard (warn, stop, or keep the best model by task and retention together) and the bias
+guard (the same actions on bias amplification); one
 ``HeldOutPolicy`` with one ``state_dict`` that checkpoints carry, so a resumed run decides as the
 uninterrupted one would."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from keeltune.config import EarlyStoppingConfig, RegularizationConfig, RetentionGuardConfig
+from keeltune.config import (
+    BIAS_METRICS,
+    BiasGuardConfig,
+    BiasProbeConfig,
+    EarlyStoppingConfig,
+    RegularizationConfig,
+    RetentionGuardConfig,
+)
 from keeltune.eval.names import CHANGE, FORGETTING, LOSS, metric, retention_metrics, retention_set
 from keeltune.run_folder import BEST_MODEL_DIR
 
@@ -77,14 +86,46 @@ def forgetting_breaches(results: dict[str, float], guard: RetentionGuardConfig) 
     return breaches
 
 
-class BestModel:
-    """The retention guard's ``best`` action: the eval with the lowest combined score among those whose
-    forgetting is within the threshold; its state goes into checkpoints."""
+def bias_breaches(
+    results: dict[str, float], guard: BiasGuardConfig, probes: list[BiasProbeConfig]
+) -> dict[str, str]:
+    """The watched ``bias/<probe>/<axis>/<metric>`` whose amplification over the base is above
+    ``max_amplification`` (and, with ``significant``, whose interval's lower end is above 0), with their text.
+    Watched: ``guard.metrics``, or the first metric of each probe on every axis."""
+    if not guard.enabled:
+        return {}
+    first = {probe.name: BIAS_METRICS[probe.kind][0] for probe in probes}
+    breaches = {}
+    for key, value in results.items():
+        if not key.startswith("bias/") or not key.endswith("_amplification"):
+            continue
+        name = key.removesuffix("_amplification")
+        _, probe, _, stat = name.split("/")
+        watched = name in guard.metrics if guard.metrics else first.get(probe) == stat
+        low, high = results.get(key + "_lo", float("nan")), results.get(key + "_hi", float("nan"))
+        if not watched or value <= guard.max_amplification or (guard.significant and not low > 0):
+            continue
+        breaches[name] = (
+            f"{name} rose by {value:.4g} over the base (interval {low:.4g} to {high:.4g}), more than "
+            f"max_amplification={guard.max_amplification:g}"
+        )
+    return breaches
 
-    def __init__(self, guard: RetentionGuardConfig, stopping: EarlyStoppingConfig) -> None:
-        self.enabled = guard.action == "best"
-        self.guard = guard
-        self.retention_weight = guard.retention_weight
+
+class BestModel:
+    """The guards' ``best`` action: the eval with the lowest combined score among those within the retention
+    and bias guards' thresholds (``within``); its state goes into checkpoints."""
+
+    def __init__(
+        self,
+        regularization: RegularizationConfig,
+        within: Callable[[dict[str, float]], bool],
+    ) -> None:
+        guards = (regularization.retention_guard, regularization.bias_guard)
+        self.enabled = any(guard.action == "best" for guard in guards)
+        self.within = within
+        self.retention_weight = regularization.retention_guard.retention_weight
+        stopping = regularization.early_stopping
         self.metric, self.sign = stopping.metric, 1.0 if stopping.mode == "min" else -1.0
         self.score: float | None = None
         self.step: int | None = None
@@ -103,7 +144,7 @@ class BestModel:
         """Record one eval; True when it is the new best (the caller then keeps this model)."""
         if not self.enabled or self.metric not in results:
             return False
-        if forgetting_breaches(results, self.guard):
+        if not self.within(results):
             return False
         score = self.combined_score(results, baseline)
         if self.score is not None and score >= self.score:
@@ -125,16 +166,21 @@ class Verdict:
     stop: str = ""  # why to end the run now (after checkpointing), or ""
     keep_best: bool = False  # this model is the best within the retention guard: keep it (best/)
     new_best: bool = False  # early stopping saw a new best of its metric at this step
-    warning: str = ""  # the retention guard's breach, to log and alert, or ""
+    warning: str = ""  # the guards' breaches, to log and alert, or ""
+    guards: str = ""  # which guards the warning comes from ("retention guard", "bias guard")
 
 
 class HeldOutPolicy:
-    """Early stopping, the retention guard and best-model keeping, decided from each eval's results."""
+    """Early stopping, the retention and bias guards and best-model keeping, decided from each eval's results."""
 
-    def __init__(self, regularization: RegularizationConfig) -> None:
+    def __init__(
+        self, regularization: RegularizationConfig, probes: list[BiasProbeConfig] | None = None
+    ) -> None:
         self.guard = regularization.retention_guard
+        self.bias_guard = regularization.bias_guard
+        self.probes = probes or []
         self.early_stopping = EarlyStopping(regularization.early_stopping)
-        self.best_model = BestModel(self.guard, regularization.early_stopping)
+        self.best_model = BestModel(regularization, lambda results: not self._breaches(results))
 
     @property
     def exhausted(self) -> bool:
@@ -144,19 +190,34 @@ class HeldOutPolicy:
     def reason(self) -> str:
         return self.early_stopping.reason()
 
+    def _breaches(self, results: dict[str, float]) -> dict[str, tuple[str, str]]:
+        """Each breach's text and the guard section it comes from."""
+        found = {k: (text, "retention_guard") for k, text in forgetting_breaches(results, self.guard).items()}
+        found.update(
+            (k, (text, "bias_guard"))
+            for k, text in bias_breaches(results, self.bias_guard, self.probes).items()
+        )
+        return found
+
     def observe(self, step: int, results: dict[str, float], baseline: dict[str, float]) -> Verdict:
         if self.early_stopping.update(step, results):
             return Verdict(stop=self.early_stopping.reason())
         new_best = self.early_stopping.enabled and self.early_stopping.best_step == step
         keep_best = self.best_model.update(step, results, baseline)
-        breaches = forgetting_breaches(results, self.guard)
+        breaches = self._breaches(results)
         if not breaches:
             return Verdict(keep_best=keep_best, new_best=new_best)
-        text = "; ".join(breaches.values()) + f" (regularization.retention_guard) at step {step}"
-        if self.guard.action == "best" and self.best_model.step is not None:
-            text += f"; keeping the best model within it (step {self.best_model.step}) in {BEST_MODEL_DIR}/"
-        stop = f"retention guard: {text}" if self.guard.action == "stop" else ""
-        return Verdict(stop=stop, keep_best=keep_best, new_best=new_best, warning=text)
+        sections = sorted({section for _, section in breaches.values()})
+        text = "; ".join(t for t, _ in breaches.values())
+        text += f" ({', '.join('regularization.' + s for s in sections)}) at step {step}"
+        if self.best_model.enabled and self.best_model.step is not None:
+            text += f"; keeping the best model within the guards (step {self.best_model.step}) in {BEST_MODEL_DIR}/"
+        actions = {
+            getattr(self, "guard" if s == "retention_guard" else "bias_guard").action for s in sections
+        }
+        guards = " and ".join(s.replace("_", " ") for s in sections)
+        stop = f"{guards}: {text}" if "stop" in actions else ""
+        return Verdict(stop=stop, keep_best=keep_best, new_best=new_best, warning=text, guards=guards)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -174,6 +174,77 @@ def plot_tasks(records: list[dict[str, Any]], retention_tasks: set[str], out: Pa
     return _save(plt, figure, out)
 
 
+AMPLIFICATION = "_amplification"
+
+
+def bias_metrics(records: list[dict[str, Any]]) -> list[str]:
+    """The ``bias/<probe>/<axis>/<metric>`` names logged with an amplification, in first-seen order."""
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(
+            dict.fromkeys(k.removesuffix(AMPLIFICATION) for k in record if k.endswith(AMPLIFICATION))
+        )
+    return list(names)
+
+
+def plot_bias(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """Each probe's first metric: its amplification over the base on every axis over steps, the bootstrap
+    interval as a band; one panel per probe."""
+    first: dict[str, list[str]] = {}
+    for name in bias_metrics(records):
+        probe, stat = name.split("/")[1], name.split("/")[3]
+        if first.setdefault(probe, [stat])[0] == stat:
+            first[probe].append(name)
+    if not first:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(first), figsize=(5.5 * len(first), 4), squeeze=False)
+    for axis, (probe, (stat, *names)) in zip(axes[0], first.items(), strict=True):
+        for name in names:
+            steps, values = series(records, name + AMPLIFICATION)
+            line = axis.plot(steps, values, "o-", label=name.split("/")[2])[0]
+            low = dict(zip(*series(records, name + AMPLIFICATION + "_lo"), strict=True))
+            high = dict(zip(*series(records, name + AMPLIFICATION + "_hi"), strict=True))
+            if low and high:
+                band = [s for s in steps if s in low and s in high]
+                axis.fill_between(
+                    band, [low[s] for s in band], [high[s] for s in band], color=line.get_color(), alpha=0.15
+                )
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set(xlabel="step", ylabel=f"{stat}: now - base", title=f"Bias amplification: {probe}")
+        axis.legend()
+    return _save(plt, figure, out)
+
+
+def bias_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of every bias metric at the last eval: base, now, amplification and its interval."""
+    names = bias_metrics(records)
+    if not names:
+        return []
+    lines = [
+        "",
+        "## Bias amplification (now - base at step 0; interval: paired bootstrap over the probe items)",
+        "",
+        "| probe | axis | metric | base | now (step) | amplification | interval |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for name in names:
+        steps, amplification = series(records, name + AMPLIFICATION)
+        last = next(r for r in reversed(records) if name + AMPLIFICATION in r)
+        now = last[name]
+        low, high = last.get(name + AMPLIFICATION + "_lo"), last.get(name + AMPLIFICATION + "_hi")
+        interval = f"[{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else ""
+        marker = " *" if low is not None and high is not None and (low > 0 or high < 0) else ""
+        _, probe, axis, stat = name.split("/")
+        lines.append(
+            f"| {probe} | {axis} | {stat} | {now - amplification[-1]:.4f} | {now:.4f} ({steps[-1]}) | "
+            f"{amplification[-1]:+.4f}{marker} | {interval} |"
+        )
+    lines.append("")
+    lines.append("\\* the interval excludes 0")
+    return lines
+
+
 def write_plots(
     records: list[dict[str, Any]], out_dir: Path, retention_tasks: set[str] | None = None
 ) -> dict[str, Path]:
@@ -186,6 +257,7 @@ def write_plots(
         "Task and retention": plot_curves(records, out_dir / "task_vs_retention.png"),
         "Learning vs forgetting": plot_forgetting(records, out_dir / "forgetting.png"),
         "Task metrics": plot_tasks(records, retention_tasks or set(), out_dir / "task_metrics.png"),
+        "Bias amplification": plot_bias(records, out_dir / "bias_amplification.png"),
     }
     return {title: path for title, path in plots.items() if path is not None}
 
@@ -245,7 +317,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     retention_tasks = {t.name for t in load_config(run_dir / CONFIG_FILE).eval.tasks if t.retention}
     plots = write_plots(records, out_dir, retention_tasks)
-    lines = summary_lines(run_dir, records)
+    lines = summary_lines(run_dir, records) + bias_lines(records)
     lines += ["", "## Plots"] + [f"\n![{title}]({path.name})" for title, path in plots.items()]
     report = out_dir / REPORT_FILE
     report.write_text("\n".join(lines) + "\n")

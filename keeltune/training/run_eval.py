@@ -20,11 +20,13 @@ from keeltune.data_pipeline.contamination import contamination_report
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv, exit_rank, rank_of_job, run_job_on_ranks
+from keeltune.eval.bias.probes import bias_results, item_rows, load_probe_sets
+from keeltune.eval.bias.score import score_probe_sets
 from keeltune.eval.evaluate import evaluate_sets, forgetting
 from keeltune.eval.names import held_out_names, task_change
 from keeltune.eval.scoring import check_tasks
 from keeltune.eval.tasks import HFTaskModel, run_task
-from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, LM_EVAL_DIR
+from keeltune.run_folder import BASELINE_FILE, BIAS_DIR, CONFIG_FILE, LM_EVAL_DIR
 from keeltune.sharding.backends import export_checkpoint
 from keeltune.sharding.model import autocast_dtype, load_causal_lm, load_tokenizer
 from keeltune.training.build import build_tasks
@@ -219,6 +221,72 @@ def lm_eval_target(
     return metrics, out
 
 
+def bias_target(target: EvalTarget, *, nproc: int = 1) -> tuple[dict[str, float], Path | None]:
+    """The config's bias probes on the target's model and on its base (``model.path``), each loaded the same
+    way (a checkpoint exported first), with every metric's amplification and its paired bootstrap interval.
+    For a run, the results and each item's log-likelihoods land in ``<run>/bias/step_<N>.json``."""
+    config = target.config
+    if not config.eval.bias.probes:
+        raise ConfigError(
+            "--bias: the config has no eval.bias.probes; add e.g. eval.bias.probes: [{kind: pairs}, {kind: "
+            "templates}] (keeltune's built-in probes) to the config"
+        )
+    probes = load_probe_sets(config.eval.bias)
+    tokenizer = str(target.model_dir) if target.model_dir else config.model.tokenizer_path
+    with model_folder(target) as model_dir:
+        models = {
+            "model": (str(model_dir), tokenizer),
+            "base": (config.model.path, config.model.tokenizer_path),
+        }
+        job = {"bias": True, "config": None, "models": models}
+        if nproc == 1:
+            lls = _bias_lls(models, config, ParallelEnv())
+        else:
+            with tempfile.TemporaryDirectory(prefix="keeltune-bias-") as tmp:
+                (Path(tmp) / CONFIG_FILE).write_text(config.to_yaml())
+                job["config"] = str(Path(tmp) / CONFIG_FILE)
+                lls = run_job_on_ranks(nproc, "keeltune.training.run_eval", job, "keeltune eval --bias")
+    results: dict[str, float] = {}
+    for probe in probes:
+        results.update(
+            bias_results(probe, lls["model"][probe.name], lls["base"][probe.name], config.eval.bias)
+        )
+    if target.run_dir is None or target.checkpoint is None:
+        return results, None
+    step = int(target.checkpoint.name.removeprefix("step_"))
+    out = target.run_dir / BIAS_DIR / f"step_{step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    items = {
+        probe.name: {side: item_rows(probe, found[probe.name]) for side, found in lls.items()}
+        for probe in probes
+    }
+    write_json_atomically(out, {"step": step, "base": config.model.path, "results": results, "items": items})
+    return results, out
+
+
+def _bias_lls(
+    models: dict[str, tuple[str, str]], config: Config, parallel: ParallelEnv
+) -> dict[str, dict[str, list[list[float]]]]:
+    """Each model's log-likelihoods of every probe item (side -> probe -> lls), this rank's share all-gathered."""
+    probes = load_probe_sets(config.eval.bias)
+    found = {}
+    for side, (model_dir, tokenizer_path) in models.items():
+        model = HFTaskModel(
+            load_causal_lm(model_dir).to(parallel.device).eval(),
+            autocast_dtype(config.training.precision, parallel.device),
+        )
+        found[side] = score_probe_sets(
+            model,
+            probes,
+            load_tokenizer(tokenizer_path),
+            parallel,
+            batch_size=config.eval.task_batch_size,
+            max_length=config.data.seq_len,
+        )
+        del model
+    return found
+
+
 def _evaluate_on_ranks(
     model_dir: Path,
     tokenizer_path: str,
@@ -239,7 +307,10 @@ def _evaluate_on_ranks(
         return run_job_on_ranks(nproc, "keeltune.training.run_eval", job, "keeltune eval")
 
 
-def _evaluate_job(job: dict[str, Any], parallel: ParallelEnv) -> dict[str, float]:
+def _evaluate_job(job: dict[str, Any], parallel: ParallelEnv) -> dict[str, Any]:
+    if job.get("bias"):
+        models = {side: tuple(pair) for side, pair in job["models"].items()}
+        return _bias_lls(models, load_config(job["config"]), parallel)
     folders = {name: Path(folder) for name, folder in job["folders"].items()}
     return evaluate_folder(
         Path(job["model_dir"]),

@@ -20,6 +20,8 @@ from keeltune.data_pipeline.prepare import tokenizer_fingerprint
 from keeltune.data_pipeline.reader import TrainStream
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
+from keeltune.eval.bias.probes import bias_results, item_rows, load_probe_sets
+from keeltune.eval.bias.score import score_probe_sets
 from keeltune.eval.evaluate import evaluate_sets, forgetting, token_nll
 from keeltune.eval.names import task_change
 from keeltune.eval.policy import HeldOutPolicy
@@ -29,6 +31,7 @@ from keeltune.run_folder import (
     BEST_FILE,
     BEST_MODEL_DIR,
     BEST_MODEL_FILE,
+    BIAS_BASELINE_FILE,
     FINAL_MODEL_DIR,
     eval_items_file,
     follow_umask,
@@ -84,6 +87,7 @@ class Trainer:
         draw_base_samples(config, self.backend, self.tokenizer, parallel)  # before the first step and resume
         self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
         self.tasks = build_tasks(config, self.tokenizer)
+        self.probes = load_probe_sets(config.eval.bias)  # every probe file read and checked before training
         self.stream = TrainStream(
             self.train_sources,
             global_batch=config.training.global_batch_size,
@@ -95,11 +99,14 @@ class Trainer:
         self.loader = StepLoader(
             self.stream, micro_batch=config.training.micro_batch_size, workers=config.data.loader_workers
         )
-        context = RegularizerContext(config, self.backend, parallel, self.run_dir, self.eval_sets)
+        context = RegularizerContext(
+            config, self.backend, parallel, self.run_dir, self.eval_sets, tokenizer=self.tokenizer
+        )
         self.regularizers = build_regularizers(context)  # before the resume: they take the pretrained weights
         self.step = 0
         self.baseline: dict[str, float] = {}
-        self.policy = HeldOutPolicy(config.regularization)
+        self.bias_baseline: dict[str, dict[str, list]] = {}  # probe -> the base's items ("where") and lls
+        self.policy = HeldOutPolicy(config.regularization, config.eval.bias.probes)
         self._resume()
         for regularizer in self.regularizers:
             regularizer.start(resumed=self.step > 0)
@@ -127,6 +134,9 @@ class Trainer:
         baseline_file = self.run_dir / BASELINE_FILE
         if baseline_file.is_file():
             self.baseline = json.loads(baseline_file.read_text())
+        bias_file = self.run_dir / BIAS_BASELINE_FILE
+        if bias_file.is_file():
+            self.bias_baseline = json.loads(bias_file.read_text())
         if self.parallel.is_main:
             truncate_metrics(self.run_dir, self.step)
         log.info(
@@ -138,9 +148,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def run_evals(self, *, sets: bool = True, tasks: list[PreparedTask] | None = None) -> dict[str, float]:
-        """The held-out sets (when ``sets``) and ``tasks`` (default: all); retention sets and tasks also report
-        forgetting against the step-0 baseline."""
+    def run_evals(
+        self, *, sets: bool = True, tasks: list[PreparedTask] | None = None, bias: bool = True
+    ) -> dict[str, float]:
+        """The held-out sets (when ``sets``), ``tasks`` (default: all) and the bias probes (when ``bias``);
+        retention sets and tasks also report forgetting against the step-0 baseline, bias probes their
+        amplification over the base (scored at step 0)."""
         self.backend.train(False)
         results: dict[str, float] = {}
         if sets and self.eval_sets:
@@ -161,13 +174,9 @@ class Trainer:
                 bootstrap_iters=self.config.eval.bootstrap_iters,
             )
             results.update(outcome.metrics)
-            if self.parallel.is_main:
-                name = prepared.task.name
-                lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.items)
-                file = eval_items_file(self.run_dir, self.step, name)
-                file.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(file, lines)
-                self.metrics.table(self.step, f"eval_items/{name}", outcome.items)
+            self._write_items(prepared.task.name, outcome.items)
+        if bias and self.probes:
+            results.update(self._run_probes())
         self.backend.train(True)
         if not self.baseline and self.step == 0:
             self.baseline = dict(results)
@@ -175,15 +184,59 @@ class Trainer:
                 (self.run_dir / BASELINE_FILE).write_text(json.dumps(self.baseline, indent=1))
         results.update(forgetting(results, self.baseline))
         results.update(task_change(results, self.baseline, self.config.eval.tasks))
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items() if not k.endswith("_stderr"))
+        summary = ", ".join(
+            f"{k} {v:.4g}" for k, v in results.items() if not k.endswith(("_stderr", "_lo", "_hi"))
+        )
         log.info("eval at step %d: %s", self.step, summary)
         return results
 
-    def _evals_due(self, last: bool) -> tuple[bool, list[PreparedTask]]:
-        """Whether the held-out sets are due after this step, and which tasks are."""
+    def _write_items(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """One eval's per-item rows: a JSONL file in the run folder and a W&B table (rank 0)."""
+        if not self.parallel.is_main:
+            return
+        file = eval_items_file(self.run_dir, self.step, name)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self.metrics.table(self.step, f"eval_items/{name}", rows)
+
+    def _run_probes(self) -> dict[str, float]:
+        """Every bias probe scored now; at step 0 its log-likelihoods are the base's (kept in the run folder),
+        later ones are compared with them item by item."""
+        bias = self.config.eval.bias
+        lls = score_probe_sets(
+            self.backend,
+            self.probes,
+            self.tokenizer,
+            self.parallel,
+            batch_size=self.config.eval.task_batch_size,
+            max_length=self.config.data.seq_len,
+        )
+        if self.step == 0 and not self.bias_baseline:
+            self.bias_baseline = {
+                p.name: {"where": [item.where for item in p.items], "lls": lls[p.name]} for p in self.probes
+            }
+            if self.parallel.is_main:
+                write_atomically(self.run_dir / BIAS_BASELINE_FILE, json.dumps(self.bias_baseline))
+        results = {}
+        for probe in self.probes:
+            base = self.bias_baseline.get(probe.name)
+            if base is not None and base["where"] != [item.where for item in probe.items]:
+                log.warning(
+                    "bias probe %s: its items changed since step 0 (eval.bias was edited before a resume), so "
+                    "it is reported without amplification over the base",
+                    probe.name,
+                )
+                base = None
+            results.update(bias_results(probe, lls[probe.name], base and base["lls"], bias))
+            self._write_items(f"bias-{probe.name}", item_rows(probe, lls[probe.name]))
+        return results
+
+    def _evals_due(self, last: bool) -> tuple[bool, list[PreparedTask], bool]:
+        """Whether the held-out sets are due after this step, which tasks are, and whether the bias probes are."""
         sets = bool(self.eval_sets) and (self.step % self.config.eval.every_steps == 0 or last)
         tasks = [p for p in self.tasks if last or self.config.eval.task_due(p.task, self.step)]
-        return sets, tasks
+        bias = bool(self.probes) and (last or self.config.eval.bias_due(self.step))
+        return sets, tasks, bias
 
     # ------------------------------------------------------------------ training
 
@@ -196,8 +249,8 @@ class Trainer:
         if verdict.keep_best:
             self._keep_best(results)
         if verdict.warning:
-            log.warning("retention guard: %s", verdict.warning)
-            self.metrics.alert("keeltune retention guard", verdict.warning)
+            log.warning("%s: %s", verdict.guards, verdict.warning)
+            self.metrics.alert(f"keeltune {verdict.guards}", verdict.warning)
         return verdict.stop
 
     def _keep_best(self, results: dict[str, float]) -> None:
@@ -312,8 +365,9 @@ class Trainer:
         (``summary.stopped`` says why); the next run resumes from that checkpoint."""
         cfg = self.config.training
         summary = TrainSummary(run_dir=self.run_dir, steps=cfg.max_steps, wandb=self.metrics.wandb_location)
-        if (self.eval_sets or self.tasks) and self.config.eval.at_start and self.step == 0:
-            summary.first_eval = self.run_evals()
+        at_start = self.config.eval.at_start and (self.eval_sets or self.tasks)
+        if self.step == 0 and (at_start or self.probes):  # the probes' base scores are taken at step 0
+            summary.first_eval = self.run_evals(sets=at_start, tasks=None if at_start else [])
             self.metrics.log(0, summary.first_eval)
             self._watch(summary.first_eval)
         elif self.baseline:
@@ -326,9 +380,9 @@ class Trainer:
             while self.step < cfg.max_steps and not summary.ended_early:
                 self.train_one_step()
                 last = self.step == cfg.max_steps
-                sets, tasks = self._evals_due(last)
-                if sets or tasks:
-                    summary.last_eval = self.run_evals(sets=sets, tasks=tasks)
+                sets, tasks, bias = self._evals_due(last)
+                if sets or tasks or bias:
+                    summary.last_eval = self.run_evals(sets=sets, tasks=tasks, bias=bias)
                     self.metrics.log(self.step, summary.last_eval)
                     summary.ended_early = self._watch(summary.last_eval)
                 checkpointed = (

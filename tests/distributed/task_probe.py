@@ -1,6 +1,7 @@
-"""Run under torch's launcher by test_task_ranks: every backend of the job file evaluates the same tasks on this
-world size (ddp, QLoRA with its adapters made non-zero, ZeRO-3 generating in lockstep); rank 0 writes each
-backend's metrics and per-item records to ``<out>/<backend>-<world>.json``."""
+"""Run under torch's launcher by test_task_ranks: every backend of the job file evaluates the same tasks and
+bias probes on this world size (ddp, QLoRA with its adapters made non-zero, ZeRO-3 generating in lockstep);
+rank 0 writes each backend's metrics, per-item records and probe log-likelihoods to
+``<out>/<backend>-<world>.json``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 
 from keeltune.config import load_config
 from keeltune.distributed import ParallelEnv, exit_rank
+from keeltune.eval.bias.probes import bias_results, load_probe_sets
+from keeltune.eval.bias.score import score_probe_sets
 from keeltune.eval.tasks import prepare_task, run_task
 from keeltune.sharding.backends import build_backend
 from keeltune.sharding.model import load_tokenizer
@@ -53,6 +56,14 @@ def main() -> None:
                 bootstrap_iters=50,
             )
             results[task.name] = {"metrics": outcome.metrics, "items": outcome.items}
+        probes = load_probe_sets(config.eval.bias)
+        lls = score_probe_sets(
+            backend, probes, tokenizer, parallel, batch_size=config.eval.task_batch_size, max_length=64
+        )
+        metrics = {}
+        for probe in probes:  # the step-0 lls as the base: amplification 0 on every rank count
+            metrics.update(bias_results(probe, lls[probe.name], lls[probe.name], config.eval.bias))
+        results["bias"] = {"lls": lls, "metrics": metrics}
         if parallel.is_main:
             out = Path(job["out"]) / f"{name}-{parallel.world_size}.json"
             out.write_text(json.dumps(results))

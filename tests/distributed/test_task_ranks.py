@@ -1,5 +1,6 @@
-"""Task evaluation is the same on 1, 2 and 3 ranks for every backend: the items are sorted globally and dealt
-to the ranks as whole batches (7 items in batches of 2: 4 batches, which neither 2 nor 3 ranks share evenly)."""
+"""Task evaluation and bias probes are the same on 1, 2 and 3 ranks for every backend: the items are sorted
+globally and dealt to the ranks as whole batches (7 items in batches of 2: 4 batches, which neither 2 nor 3
+ranks share evenly; 5 + 7 probe items with 2 and 3 requests each)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from pathlib import Path
 from tests.conftest import base_config, write_config, write_jsonl
 
 BACKENDS = ("ddp", "qlora", "zero3")
+BIAS = {
+    "probes": [
+        {"kind": "pairs", "axes": ["gender"], "max_items_per_axis": 5},
+        {"kind": "templates", "axes": ["age"], "max_items_per_axis": 7},
+    ],
+    "bootstrap_iters": 20,
+}
 
 
 def _tasks(assets: dict[str, Path], root: Path) -> list[dict]:
@@ -57,7 +65,7 @@ def test_task_results_are_identical_on_one_two_and_three_ranks_for_every_backend
         config = base_config(
             assets,
             tmp_path / "runs",
-            eval={"tasks": tasks, "task_batch_size": 2},
+            eval={"tasks": tasks, "task_batch_size": 2, "bias": BIAS},
             training={"global_batch_size": 12, "micro_batch_size": 2},  # a batch 1, 2 and 3 ranks can make
             sharding=sharding,
         )
@@ -77,7 +85,19 @@ def test_task_results_are_identical_on_one_two_and_three_ranks_for_every_backend
         one = got[1]
         for world in (2, 3):
             other = got[world]
-            for task in one:
+            for probe, rows in one["bias"]["lls"].items():
+                assert len(rows) == {"pairs": 5, "templates": 7}[probe]
+                theirs = other["bias"]["lls"][probe]
+                for mine, their in zip(rows, theirs, strict=True):
+                    assert all(_close(a, b) for a, b in zip(mine, their, strict=True)), (
+                        backend,
+                        world,
+                        probe,
+                    )
+            assert one["bias"]["metrics"].keys() == other["bias"]["metrics"].keys()
+            for key, value in one["bias"]["metrics"].items():
+                assert _close(value, other["bias"]["metrics"][key]), (backend, world, key)
+            for task in (t for t in one if t != "bias"):
                 items, others = one[task]["items"], other[task]["items"]
                 assert len(items) == len(others) == (5 if task.startswith("qa") else 7)
                 for mine, theirs in zip(items, others, strict=True):
@@ -95,3 +115,5 @@ def test_task_results_are_identical_on_one_two_and_three_ranks_for_every_backend
         sampled = [i["generation"] for i in one["qa_sampled"]["items"]]
         assert any(greedy) and greedy != sampled, (backend, greedy, sampled)
         assert 0 <= one["cloze"]["metrics"]["task/cloze/acc"] <= 1
+        assert one["bias"]["metrics"]["bias/pairs/gender/likelihood_gap_amplification"] == 0.0
+        assert 0 <= one["bias"]["metrics"]["bias/pairs/gender/pct_stereotype"] <= 1

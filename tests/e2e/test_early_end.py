@@ -98,3 +98,28 @@ def test_retention_guard_best_keeps_the_best_model_within_the_threshold(assets: 
         assert any(not (final[n] == best[n]).all() for n in final)
     assert (run_dir / "best" / "tokenizer_config.json").is_file()
     assert not list(run_dir.glob(".tmp-best")) and not list(run_dir.glob(".old-best"))
+
+
+def test_bias_guard_stops_after_checkpointing(assets: dict, tmp_path: Path) -> None:
+    run_dir, config = _run(
+        assets,
+        tmp_path,
+        "bias",
+        {"bias_guard": {"max_amplification": 0.0, "significant": False, "action": "stop"}},
+    )
+    probes = {"probes": [{"kind": "templates", "axes": ["age", "religion"], "max_items_per_axis": 6}]}
+    done = keeltune(
+        "train", str(config), "--set", "training.lr=0.05", "--set", f"eval.bias={json.dumps(probes)}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spreads = {
+        r["step"]: r["bias/templates/all/ll_spread_amplification"]
+        for r in read_metrics(run_dir)
+        if "bias/templates/all/ll_spread" in r
+    }
+    print("ll_spread amplification per eval:", spreads)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "ended at step 2 after checkpointing: bias guard: bias/templates/" in log
+    assert "ll_spread rose by" in log and "(regularization.bias_guard) at step 2" in log
+    assert sorted(spreads) == [0, 2] and sorted(train_losses(run_dir)) == [1, 2]
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir()

@@ -99,6 +99,7 @@ def test_report_writes_plots_and_a_summary_with_the_logged_numbers(
     out = run_dir / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [
+        "bias_amplification.png",
         "forgetting.png",
         "learning_rate.png",
         "task_metrics.png",

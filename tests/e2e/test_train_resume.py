@@ -35,6 +35,12 @@ def resume_config(assets: dict, root: Path, name: str) -> dict:
             "checkpoint": {"every_steps": 4, "keep_last": 2},
         },
         regularization={"dropout": 0.1, "weight_decay": 0.01},
+        # bias probes against the base at step 0: a resumed run compares with the same base scores
+        eval={
+            "every_steps": 4,
+            "micro_batch_size": 8,
+            "bias": {"probes": [{"kind": "pairs", "axes": ["gender"], "max_items_per_axis": 8}]},
+        },
     )
 
 
@@ -114,6 +120,12 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(
     assert reference.keys() == weights.keys()
     for name in reference:
         assert torch.allclose(weights[name], reference[name], atol=1e-6, rtol=0), name
+    bias = "bias/pairs/gender/likelihood_gap_amplification"
+    expected_bias = {r["step"]: r[bias] for r in read_metrics(uninterrupted) if bias in r}
+    got_bias = {r["step"]: r[bias] for r in read_metrics(run_dir) if bias in r}
+    assert sorted(got_bias) == sorted(expected_bias) == list(range(0, STEPS + 1, 4))
+    for step, value in expected_bias.items():  # after the resume too: the base's scores were kept
+        assert got_bias[step] == pytest.approx(value, abs=1e-5), (step, got_bias[step], value)
 
 
 KILL_IN_CHECKPOINT = """

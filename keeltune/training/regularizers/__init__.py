@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from keeltune.config import Config
 from keeltune.training.regularizers.base import LossTerm, Regularizer, RegularizerContext
+from keeltune.training.regularizers.consistency import Consistency
 from keeltune.training.regularizers.ewc import EWC
 from keeltune.training.regularizers.kl import KLToBase
 from keeltune.training.regularizers.l2sp import L2SP
@@ -42,6 +43,7 @@ REGULARIZERS: dict[str, RegularizerSpec] = {
     "kl": RegularizerSpec(KLToBase, needs_reference=True),
     "l2sp": RegularizerSpec(_l2sp),
     "ewc": RegularizerSpec(EWC),
+    "consistency": RegularizerSpec(Consistency),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,13 +20,15 @@ LossTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class RegularizerContext:
-    """What a regularizer may use: the config, the backend, the ranks, the run folder and the held-out sets."""
+    """What a regularizer may use: the config, the backend, the ranks, the run folder, the held-out sets and the
+    tokenizer (a term that rewrites the training text, such as counterfactual consistency)."""
 
     config: Config
     backend: Backend
     parallel: ParallelEnv
     run_dir: Path
     held_out: dict[str, PackedDataset]
+    tokenizer: Any = None
     _pretrained: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def pretrained(self) -> dict[str, torch.Tensor]:
