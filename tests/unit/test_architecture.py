@@ -96,6 +96,7 @@ def test_login_node_commands_import_no_torch_or_deepspeed(tmp_path: Path) -> Non
         "import keeltune.launcher.entry, keeltune.launcher.rank_records, keeltune.training.manifest\n"
         "import keeltune.config.plan, keeltune.data_pipeline.prepare, keeltune.run_folder, keeltune.atomic\n"
         "import keeltune.review.server, keeltune.review.store, keeltune.review.results\n"
+        "import keeltune.eval.bias.probes, keeltune.data_pipeline.counterfactual  # launch reads probe files\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'deepspeed', 'transformers'})\n"
         "print('HEAVY', heavy)\n"
     )
