@@ -163,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap intervals (a run: written to RUN/bias/step_N.json)",
     )
 
+    sweep = verbs.add_parser(
+        "sweep",
+        help="search hyperparameters with Optuna, each trial a keeltune run on Slurm (or --local); restartable. "
+        "Also: keeltune sweep status NAME, keeltune sweep report NAME",
+    )
+    sweep.add_argument(
+        "target",
+        nargs="+",
+        metavar="SWEEP.yaml | status NAME | report NAME",
+        help="a sweep file to run, or status/report and the sweep's name or folder",
+    )
+    sweep.add_argument("--local", action="store_true", help="run the trials on this machine, without Slurm")
+    sweep.add_argument(
+        "--root", type=Path, default=Path("sweeps"), help="status/report: where sweeps are (default: sweeps)"
+    )
+    sweep.add_argument("--out", type=Path, help="report: folder to write (default: SWEEP_FOLDER/report)")
+
     report = verbs.add_parser("report", help="plots and a markdown summary of a run (from its metrics.jsonl)")
     report.add_argument("run", type=Path, help="run folder")
     report.add_argument("--out", type=Path, help="folder to write (default: RUN/report)")
@@ -651,6 +668,64 @@ def _print_bias(target: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from keeltune.config import ConfigError, check_paths
+    from keeltune.config.loader import load_sweep
+    from keeltune.eval.bias.probes import check_probes
+    from keeltune.eval.scoring import check_tasks
+    from keeltune.sweep.driver import Driver, check_restart
+    from keeltune.sweep.trials import check_sweep
+
+    action, *rest = args.target
+    if action in ("status", "report"):
+        if len(rest) != 1:
+            raise ConfigError(f"keeltune sweep {action} NAME: name one sweep (its name or folder)")
+        return _sweep_status(args, action, rest[0])
+    if rest:
+        raise ConfigError(f"keeltune sweep SWEEP.yaml: one sweep file, got {args.target}")
+    sweep = load_sweep(action)
+    base = check_sweep(sweep, Path(action))  # every key and metric, before any job is submitted
+    check_paths(base)
+    check_tasks(base)
+    check_probes(base)
+    check_restart(sweep)
+    counts = Driver(sweep, local=args.local, say=lambda line: print(line, flush=True)).run()
+    return 0 if counts["COMPLETE"] or counts["PRUNED"] else 1
+
+
+def _sweep_status(args: argparse.Namespace, action: str, name: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from keeltune.config import ConfigError
+    from keeltune.config.loader import load_sweep
+    from keeltune.sweep.driver import SWEEP_FILE
+    from keeltune.sweep.report import REPORT_DIR, status_table, trial_rows, write_report
+    from keeltune.sweep.study import open_studies
+
+    folder = next((f for f in (Path(name), args.root / name) if (f / SWEEP_FILE).is_file()), None)
+    if folder is None:
+        raise ConfigError(
+            f"{name}: no sweep folder there or in {args.root} (no {SWEEP_FILE}); give its folder"
+        )
+    sweep = load_sweep(folder / SWEEP_FILE)
+    study, _ = open_studies(sweep, create=False)
+    if action == "report":
+        path, wandb = write_report(sweep, study, args.out or folder / REPORT_DIR)
+        print(f"wrote {path}, its plot and the front's configs in {path.parent}")
+        if wandb:
+            print(f"W&B summary run: {wandb}")
+        return 0
+    columns, cells = status_table(sweep, trial_rows(sweep, study))
+    table = Table(title=f"sweep {sweep.name} ({folder})")
+    for column in columns:
+        table.add_column(column)
+    for row in cells:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from keeltune.training.report import write_report
 
@@ -811,6 +886,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "export": cmd_export,
     "eval": cmd_eval,
+    "sweep": cmd_sweep,
     "report": cmd_report,
     "review": cmd_review,
     "demo": cmd_demo,

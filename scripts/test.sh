@@ -11,6 +11,8 @@ bash slurm/local-cluster/install.sh
 bash slurm/local-cluster/start.sh
 echo "== browser for the review page's tests (Debian's chromium, first time about 30 s)"
 bash scripts/install-browser.sh
+echo "== PostgreSQL for the sweep storage test (Debian's package; first time about 30 s)"
+bash scripts/install-postgres.sh
 echo "== pytest"
 # Without arguments this is the full run (CI's): tests/conftest.py then fails the run on any skip or deselection
 # of a test not marked gpu, even one hidden in PYTEST_ADDOPTS or addopts. With arguments (a subset by hand:

@@ -424,14 +424,14 @@ def ddp_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     yield from kept_unchanged(SharedRun(root / "runs" / "test", cfg))
 
 
-def wandb_history(run_file: Path) -> list[dict[str, str]]:
-    """The history rows of an offline W&B run file (W&B's own record format: a 7-byte header, then records in
-    32 KiB blocks, each a 7-byte header and a protobuf ``Record``)."""
+def wandb_records(run_file: Path) -> list[Any]:
+    """The protobuf ``Record``s of an offline W&B run file (W&B's own record format: a 7-byte header, then
+    records in 32 KiB blocks, each a 7-byte header and a piece of a record)."""
     from wandb.proto import wandb_internal_pb2
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    position, chunks, rows = 7, [], []
+    position, chunks, records = 7, [], []
     while position + 7 <= len(data):
         left = 32768 - position % 32768
         if left < 7:
@@ -444,6 +444,14 @@ def wandb_history(run_file: Path) -> list[dict[str, str]]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(chunks))
             chunks = []
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
-    return rows
+            records.append(record)
+    return records
+
+
+def wandb_history(run_file: Path) -> list[dict[str, str]]:
+    """The history rows of an offline W&B run file."""
+    return [
+        {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+        for record in wandb_records(run_file)
+        if record.WhichOneof("record_type") == "history"
+    ]

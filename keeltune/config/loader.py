@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from keeltune.config.schema import RESUME_MUTABLE, Config, ConfigError
+from keeltune.config.sweep import SweepConfig
 
 # --------------------------------------------------------------------------- YAML with line numbers
 
@@ -199,6 +200,15 @@ def _convert(value: Any, tp: Any, key: str, source: _Source) -> Any:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"{source.where(key)}{key}: {value!r} is not one of {list(choices)}{extra}")
         return value
+    if tp is Any:  # kept as written (a sweep's per-trial slurm keys, checked when the trial config is built)
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{source.where(key)}{key}: expected a mapping, got {type(value).__name__} {value!r}"
+            )
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _convert(v, value_tp, f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(
@@ -363,6 +373,19 @@ def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = 
         _apply_override(data, assignment, source)
     _resolve_paths(data, path.parent)
     return _build(Config, data, "", source)
+
+
+def load_sweep(path: str | os.PathLike[str]) -> SweepConfig:
+    """Load a sweep file (``keeltune sweep``); its base config path becomes absolute (relative: to the file)."""
+    path = Path(path)
+    data, source = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    base = data.get("base")
+    if isinstance(base, str) and base and not os.path.isabs(base):
+        data["base"] = str((path.parent / base).resolve())
+    sweep = _build(SweepConfig, data, "", source)
+    sweep.root = str(Path(sweep.root).absolute())
+    return sweep
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,20 @@ BIAS_AXES = ("gender", "religion", "nationality", "age", "race_ethnicity", "disa
 SWAP_AXES = ("gender", "religion", "nationality", "age")
 
 
+def timeout_minutes(limit: str) -> int:
+    """Slurm's time formats (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in whole minutes."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        total = int(days) * 1440 + hours * 60 + minutes + seconds / 60
+    elif len(parts) == 3:
+        total = parts[0] * 60 + parts[1] + parts[2] / 60
+    else:
+        total = parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
+    return max(1, int(round(total)))
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Where the run folder lives: ``<root>/<name>/``."""
@@ -983,6 +997,7 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "keeltune"
     entity: str = ""
+    group: str = ""  # runs shown together (keeltune sweep sets its name)
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 from keeltune.atomic import write_atomically, write_json_atomically
 from keeltune.config import Config, ConfigError
+from keeltune.config.schema import timeout_minutes
 from keeltune.launcher.entry import STOPPED_EXIT
 from keeltune.run_folder import (
     JOB_FILE,
@@ -35,20 +36,6 @@ ENDED_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
      "DEADLINE", "STOPPED"}
 )  # fmt: skip
-
-
-def timeout_minutes(limit: str) -> int:
-    """Slurm's time formats (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in whole minutes."""
-    days, _, clock = limit.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-        total = int(days) * 1440 + hours * 60 + minutes + seconds / 60
-    elif len(parts) == 3:
-        total = parts[0] * 60 + parts[1] + parts[2] / 60
-    else:
-        total = parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
-    return max(1, int(round(total)))
 
 
 def _directives(config: Config) -> dict[str, Any]:
@@ -250,6 +237,14 @@ def slurm_state(job_id: str) -> dict[str, str]:
     )
     state, elapsed, nodes, reason = (queue.stdout.strip().split("|") + [""] * 4)[:4]
     return {"state": state or "UNKNOWN", "elapsed": elapsed, "nodes": nodes, "reason": reason, "exit": ""}
+
+
+def in_queue(job_id: str) -> bool:
+    """Whether Slurm's controller still holds the job (pending, running, requeued)."""
+    queue = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False, timeout=30
+    )
+    return bool(queue.stdout.strip())
 
 
 def local_state(record: JobRecord) -> dict[str, str]:

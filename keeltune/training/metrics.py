@@ -105,6 +105,7 @@ class MetricsLogger:
             self.wandb_run = wandb.init(
                 project=wandb_config.project,
                 entity=wandb_config.entity or None,
+                group=wandb_config.group or None,
                 name=run_config["run"]["name"],
                 id=run_id,
                 resume="allow",

@@ -33,6 +33,7 @@ from keeltune.run_folder import (
     BEST_MODEL_FILE,
     BIAS_BASELINE_FILE,
     FINAL_MODEL_DIR,
+    PRUNE_FILE,
     eval_items_file,
     follow_umask,
 )
@@ -351,6 +352,21 @@ class Trainer:
         )
         log.info("checkpoint written: %s", path)
 
+    def _pruned(self) -> str:
+        """Why keeltune sweep pruned this trial, once its decision is in the run folder (read at each eval,
+        agreed by every rank), else ""."""
+        path = self.run_dir / PRUNE_FILE
+        seen = torch.tensor(
+            [1.0 if self.parallel.is_main and path.is_file() else 0.0], device=self.parallel.device
+        )
+        if self.parallel.all_reduce_sum(seen).item() == 0:
+            return ""
+        try:
+            why = json.loads(path.read_text()).get("reason", "")
+        except (OSError, ValueError):
+            why = ""
+        return f"pruned by keeltune sweep{': ' + why if why else ''}"
+
     def _stop_agreed(self, stop: StopRequest | None) -> bool:
         """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
         if stop is None:
@@ -384,7 +400,7 @@ class Trainer:
                 if sets or tasks or bias:
                     summary.last_eval = self.run_evals(sets=sets, tasks=tasks, bias=bias)
                     self.metrics.log(self.step, summary.last_eval)
-                    summary.ended_early = self._watch(summary.last_eval)
+                    summary.ended_early = self._watch(summary.last_eval) or self._pruned()
                 checkpointed = (
                     self.step % cfg.checkpoint.every_steps == 0 or last or bool(summary.ended_early)
                 )

@@ -24,6 +24,7 @@ ALLOWED = {
     "training": BASE | {"config", "distributed", "sharding", "data_pipeline", "eval"},
     "launcher": BASE | {"config", "distributed", "training", "sharding", "data_pipeline", "eval", "review"},
     "review": BASE,  # the review's files, page server and statistics: a login node serves them
+    "sweep": BASE | {"config", "launcher", "training"},  # submits trials like keeltune launch; W&B's mode
     "demo": BASE | {"config", "launcher", "training", "sharding", "data_pipeline", "eval"},
     "cli": BASE
     | {
@@ -36,6 +37,7 @@ ALLOWED = {
         "eval",
         "demo",
         "review",
+        "sweep",
     },
 }
 TORCH_FREE = {
@@ -43,6 +45,7 @@ TORCH_FREE = {
     "run_folder",
     "config",
     "review",
+    "sweep",
 }  # may not import torch or deepspeed even inside a function
 
 
@@ -97,6 +100,7 @@ def test_login_node_commands_import_no_torch_or_deepspeed(tmp_path: Path) -> Non
         "import keeltune.config.plan, keeltune.data_pipeline.prepare, keeltune.run_folder, keeltune.atomic\n"
         "import keeltune.review.server, keeltune.review.store, keeltune.review.results\n"
         "import keeltune.eval.bias.probes, keeltune.data_pipeline.counterfactual  # launch reads probe files\n"
+        "import keeltune.sweep.driver, keeltune.sweep.report, keeltune.sweep.study, keeltune.sweep.trials\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'deepspeed', 'transformers'})\n"
         "print('HEAVY', heavy)\n"
     )

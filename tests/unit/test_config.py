@@ -43,11 +43,20 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 
 def test_every_example_config_validates() -> None:
-    files = sorted((REPO / "configs").rglob("*.yaml"))
-    assert files, "configs/ holds example configs"
+    """Run configs, and sweep files (configs/sweeps/) against their base: every parameter at both ends and
+    every choice, every metric."""
+    from keeltune.config.loader import load_sweep
+    from keeltune.sweep.trials import check_sweep
+
+    sweeps = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+    files = sorted(set((REPO / "configs").rglob("*.yaml")) - set(sweeps))
+    assert files and sweeps, "configs/ holds example configs and sweeps"
     for path in files:
         config = load_config(path)
         check_world_size(config, config.slurm.nodes * config.slurm.gpus_per_node)
+    for path in sweeps:  # the cluster's folders need not exist here
+        base = check_sweep(load_sweep(path), path, folder=False)
+        check_world_size(base, base.slurm.world_size)
 
 
 def test_minimal_config_defaults_and_cluster_paths_validate_at_load(tmp_path: Path) -> None:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install Debian's PostgreSQL server, the real database the sweep's Optuna RDB storage test runs against
+# (tests/postgres.py starts a throwaway cluster of its own on 127.0.0.1; no system cluster is used). Idempotent;
+# needs root or sudo.
+set -euo pipefail
+shopt -s nullglob
+servers=(/usr/lib/postgresql/*/bin/postgres)
+shopt -u nullglob
+if [ "${#servers[@]}" -gt 0 ]; then
+  newest=$(printf '%s\n' "${servers[@]}" | sort -V | tail -n 1)
+  echo "postgres install: already installed ($("$newest" --version 2>/dev/null || echo "$newest"))"
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+start=$(date +%s)
+log=$(mktemp)
+if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql; } \
+     >"$log" 2>&1; then
+  tail -n 30 "$log" >&2
+  echo "postgres install: apt-get failed (full log: $log)" >&2
+  exit 1
+fi
+rm -f "$log"
+echo "postgres install: postgresql in $(( $(date +%s) - start )) s"
