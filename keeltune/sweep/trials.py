@@ -41,6 +41,8 @@ def trial_config(sweep: SweepConfig, number: int, params: dict[str, Any]) -> Con
         param_override("run.root", str(sweep.folder)),
         param_override("run.name", trial_name(number)),
     ]
+    if "job_name" not in sweep.slurm:  # squeue tells the sweeps' trials apart
+        overrides.append(param_override("slurm.job_name", f"{sweep.name}-{trial_name(number)}"))
     return load_config(sweep.base, overrides)
 
 

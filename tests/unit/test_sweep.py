@@ -119,7 +119,7 @@ def test_a_trial_config_is_the_base_with_the_sweeps_overrides_and_its_parameters
     assert (config.training.lr, config.regularization.kl.weight, config.training.max_steps) == (3e-4, 0.5, 20)
     assert (config.slurm.time, config.slurm.nodes) == ("30", 2)
     assert config.run_dir == tmp_path / "sweeps" / "s" / "trial-0007"
-    assert config.logging.wandb.group == "s"
+    assert config.logging.wandb.group == "s" and config.slurm.job_name == "s-trial-0007"
 
 
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
