@@ -7,7 +7,6 @@ its intermediate values and asks the pruner."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -151,7 +150,3 @@ def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
         else:
             params[key] = trial.suggest_float(key, param.low, param.high, log=param.log)
     return params
-
-
-def journal_path(sweep: SweepConfig) -> Path | None:
-    return sweep.folder / JOURNAL_FILE if sweep.storage_url() == "journal" else None

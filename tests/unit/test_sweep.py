@@ -245,3 +245,18 @@ def test_every_sampler_asks_conditional_parameters_and_learns_from_constraints(
     ]
     if sampler == "grid":
         assert len({tuple(t.params.values()) for t in trials}) == 4
+
+
+def test_a_database_that_does_not_answer_is_named_without_its_password(tmp_path: Path, monkeypatch) -> None:
+    from keeltune.sweep.study import storage_for
+
+    monkeypatch.setenv("SWEEP_DB", "postgresql+psycopg2://user:s3cret@127.0.0.1:1/db")
+    sweep = load(tmp_path, sweep_dict(tmp_path, storage="env:SWEEP_DB"))
+    with pytest.raises(ConfigError) as err:
+        storage_for(sweep)
+    assert "postgresql+psycopg2://user:***@127.0.0.1:1/db" in str(err.value) and "s3cret" not in str(
+        err.value
+    )
+    monkeypatch.delenv("SWEEP_DB")
+    with pytest.raises(ConfigError, match="names the environment variable SWEEP_DB, which is unset"):
+        storage_for(sweep)
