@@ -169,11 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Also: keeltune sweep status NAME, keeltune sweep report NAME",
     )
     sweep.add_argument(
-        "target",
-        nargs="+",
-        metavar="SWEEP.yaml | status NAME | report NAME",
-        help="a sweep file to run, or status/report and the sweep's name or folder",
+        "target", metavar="SWEEP.yaml|status|report", help="a sweep file to run, or status/report"
     )
+    sweep.add_argument("name", nargs="?", metavar="NAME", help="status/report: the sweep's name or folder")
     sweep.add_argument("--local", action="store_true", help="run the trials on this machine, without Slurm")
     sweep.add_argument(
         "--root", type=Path, default=Path("sweeps"), help="status/report: where sweeps are (default: sweeps)"
@@ -676,15 +674,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from keeltune.sweep.driver import Driver, check_restart
     from keeltune.sweep.trials import check_sweep
 
-    action, *rest = args.target
-    if action in ("status", "report"):
-        if len(rest) != 1:
-            raise ConfigError(f"keeltune sweep {action} NAME: name one sweep (its name or folder)")
-        return _sweep_status(args, action, rest[0])
-    if rest:
-        raise ConfigError(f"keeltune sweep SWEEP.yaml: one sweep file, got {args.target}")
-    sweep = load_sweep(action)
-    base = check_sweep(sweep, Path(action))  # every key and metric, before any job is submitted
+    if args.target in ("status", "report"):
+        if args.name is None:
+            raise ConfigError(f"keeltune sweep {args.target} NAME: name the sweep (its name or folder)")
+        return _sweep_status(args, args.target, args.name)
+    if args.name is not None:
+        raise ConfigError(
+            f"keeltune sweep SWEEP.yaml: one sweep file; {args.name!r} is one argument too many"
+        )
+    sweep = load_sweep(args.target)
+    base = check_sweep(sweep, Path(args.target))  # every key and metric, before any job is submitted
     check_paths(base)
     check_tasks(base)
     check_probes(base)
