@@ -698,7 +698,7 @@ def _sweep_status(args: argparse.Namespace, action: str, name: str) -> int:
 
     from keeltune.config import ConfigError
     from keeltune.config.loader import load_sweep
-    from keeltune.sweep.driver import SWEEP_FILE
+    from keeltune.sweep.driver import SWEEP_FILE, DriverLock
     from keeltune.sweep.report import REPORT_DIR, status_table, trial_rows, write_report
     from keeltune.sweep.study import open_studies
 
@@ -722,6 +722,7 @@ def _sweep_status(args: argparse.Namespace, action: str, name: str) -> int:
     for row in cells:
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    print(f"driver: {DriverLock(folder, sweep.poll_s).describe()}")
     return 0
 
 

@@ -82,6 +82,19 @@ class DriverLock:
     def refresh(self) -> None:
         write_json_atomically(self.path, {**self.me, "heartbeat": time.time()})
 
+    def describe(self) -> str:
+        """Who drives the sweep, for ``keeltune sweep status``."""
+        holder = self._holder()
+        if holder is None:
+            return "no driver running (start or restart it with keeltune sweep SWEEP.yaml)"
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if not self._alive(holder):
+            return (
+                f"no driver running (the last one, pid {holder.get('pid')} on {holder.get('host')}, stopped "
+                f"{age:.0f} s ago; restart it with keeltune sweep SWEEP.yaml)"
+            )
+        return f"pid {holder['pid']} on {holder['host']}, heartbeat {age:.0f} s ago"
+
     def release(self) -> None:
         holder = self._holder()
         if holder is not None and {k: holder.get(k) for k in self.me} == self.me:

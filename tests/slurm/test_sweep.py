@@ -125,6 +125,8 @@ def test_a_sweep_survives_a_cancelled_trial_a_preemption_and_a_killed_driver(
         job_a = wait_until("trial 0 submitted", lambda: jobs(trial[0]), log=first_log)[0]
         second = keeltune("sweep", str(path))  # a second driver on the same sweep refuses
         assert second.returncode == 2 and "already driven by pid" in second.stderr, second.stderr
+        running = keeltune("sweep", "status", str(folder)).stdout
+        assert f"driver: pid {driver.pid} on " in running and "trial-0000 │ running" in running, running
 
         wait_for_step(trial[0], 2)
         slurm_cluster.run("scancel", job_a)
@@ -189,3 +191,4 @@ def test_a_sweep_survives_a_cancelled_trial_a_preemption_and_a_killed_driver(
     marked = {int(line.split()[1][6:]) for line in status.splitlines() if "trial-" in line and "│ *" in line}
     assert marked == front, status
     assert "infeasible" in next(line for line in status.splitlines() if "trial-0001" in line)
+    assert "driver: no driver running" in status

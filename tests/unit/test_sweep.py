@@ -186,13 +186,16 @@ def test_a_second_driver_refuses_while_the_first_lives_and_takes_over_a_dead_one
     tmp_path: Path,
 ) -> None:
     first = DriverLock(tmp_path, poll_s=1)
+    assert first.describe().startswith("no driver running")
     first.acquire()
+    assert first.describe().startswith(f"pid {os.getpid()} on ")
     with pytest.raises(ConfigError, match=rf"already driven by pid {os.getpid()}"):
         DriverLock(tmp_path, poll_s=1).acquire()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "driver.lock").write_text(json.dumps({**first.me, "pid": dead.pid, "heartbeat": 0}))
     second = DriverLock(tmp_path, poll_s=1)
+    assert f"the last one, pid {dead.pid}" in second.describe()
     second.acquire()  # the holder is gone
     assert json.loads((tmp_path / "driver.lock").read_text())["pid"] == os.getpid()
     (tmp_path / "driver.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": 0}))
