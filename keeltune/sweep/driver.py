@@ -50,6 +50,7 @@ from keeltune.sweep.trials import (
 LOCK_FILE = "driver.lock"
 SWEEP_FILE = "sweep.yaml"  # in the sweep folder: the sweep as first started (a restart must match it)
 STALE_AFTER_POLLS = 4
+TAKEOVER_SETTLE_S = 0.5  # a driver taking over a dead one's lock reads it back after this long
 # what a restart may change; the rest (space, objectives, sampler, ...) would make the study inconsistent
 RESTART_MUTABLE = ("budget", "parallel", "retries", "poll_s", "slurm")
 
@@ -74,7 +75,13 @@ class DriverLock:
                     f"(heartbeat {time.time() - holder.get('heartbeat', 0):.0f} s ago, {self.path}); watch it with "
                     "keeltune sweep status, or stop that driver first"
                 ) from None
-            self.refresh()  # the holder is gone: take over
+            self.refresh()  # the holder is gone: take over, unless another driver took over at the same time
+            time.sleep(TAKEOVER_SETTLE_S)
+            holder = self._holder()
+            if holder is None or {k: holder.get(k) for k in self.me} != self.me:
+                raise ConfigError(
+                    f"sweep {self.path.parent.name}: another driver took it over just now ({self.path})"
+                )
             return
         with os.fdopen(handle, "w") as out:
             out.write(json.dumps({**self.me, "heartbeat": time.time()}))
