@@ -81,7 +81,7 @@ class DriverLock:
             if holder is None or {k: holder.get(k) for k in self.me} != self.me:
                 raise ConfigError(
                     f"sweep {self.path.parent.name}: another driver took it over just now ({self.path})"
-                )
+                ) from None
             return
         with os.fdopen(handle, "w") as out:
             out.write(json.dumps({**self.me, "heartbeat": time.time()}))
