@@ -13,9 +13,8 @@ MANIFEST_FILE = "manifest.json"  # in a checkpoint: each file's size and sha256,
 BASELINE_FILE = "baseline.json"
 BIAS_DIR = "bias"  # keeltune eval --bias: step_<N>.json, the results and each item's log-likelihoods
 BIAS_BASELINE_FILE = "bias_baseline.json"  # the base model's log-likelihoods of every bias probe item, step 0
-PRUNE_FILE = (
-    "prune.json"  # keeltune sweep's decision to stop this trial at its next eval (why, at which step)
-)
+# keeltune sweep's decision to stop this trial at its next eval (why, at which step)
+PRUNE_FILE = "prune.json"
 BEST_FILE = "best.json"  # the step with the best val/loss seen by early stopping
 FINAL_MODEL_DIR = "final"
 BEST_MODEL_DIR = "best"  # retention_guard action best: the model with the best task + retention score
