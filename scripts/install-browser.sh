@@ -6,16 +6,5 @@ if [ -x /usr/bin/chromium ]; then
   echo "browser install: already installed ($(/usr/bin/chromium --version 2>/dev/null || echo chromium))"
   exit 0
 fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-start=$(date +%s)
-log=$(mktemp)
-if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq chromium; } \
-     >"$log" 2>&1; then
-  tail -n 30 "$log" >&2
-  echo "browser install: apt-get failed (full log: $log)" >&2
-  exit 1
-fi
-rm -f "$log"
-echo "browser install: chromium in $(( $(date +%s) - start )) s"
+source "$(dirname "$0")/apt-install.sh"
+apt_install "browser install" chromium

@@ -11,16 +11,5 @@ if [ "${#servers[@]}" -gt 0 ]; then
   echo "postgres install: already installed ($("$newest" --version 2>/dev/null || echo "$newest"))"
   exit 0
 fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-start=$(date +%s)
-log=$(mktemp)
-if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
-       $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql; } \
-     >"$log" 2>&1; then
-  tail -n 30 "$log" >&2
-  echo "postgres install: apt-get failed (full log: $log)" >&2
-  exit 1
-fi
-rm -f "$log"
-echo "postgres install: postgresql in $(( $(date +%s) - start )) s"
+source "$(dirname "$0")/apt-install.sh"
+apt_install "postgres install" postgresql
