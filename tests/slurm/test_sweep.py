@@ -128,16 +128,16 @@ def test_a_sweep_survives_a_cancelled_trial_a_preemption_and_a_killed_driver(
         running = keeltune("sweep", "status", str(folder)).stdout
         assert f"driver: pid {driver.pid} on " in running and "trial-0000 │ running" in running, running
 
+        # both first trials run side by side: hit each while it trains (a 30-step trial is over in seconds)
+        preempted = wait_until("trial 1 submitted", lambda: jobs(trial[1]), log=first_log)[0]
         wait_for_step(trial[0], 2)
         slurm_cluster.run("scancel", job_a)
-        job_b = wait_until("trial 0 retried", lambda: jobs(trial[0])[1:], log=first_log)[0]
-        slurm_cluster.wait_for_state(int(job_b), {"RUNNING"}, timeout=120, source="squeue")
-        slurm_cluster.run("scancel", job_b)
-
-        preempted = wait_until("trial 1 submitted", lambda: jobs(trial[1]), log=first_log)[0]
         wait_for_step(trial[1], 3)
         slurm_cluster.run("scancel", "--signal=USR2", preempted)  # what Slurm sends before a time limit
         slurm_cluster.release_requeued(int(preempted))
+        job_b = wait_until("trial 0 retried", lambda: jobs(trial[0])[1:], log=first_log)[0]
+        slurm_cluster.wait_for_state(int(job_b), {"RUNNING"}, timeout=120, source="squeue")
+        slurm_cluster.run("scancel", job_b)
 
         def one_done_one_running() -> bool:
             states = [t.state.name for t in load_study(folder).get_trials()]
