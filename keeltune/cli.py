@@ -269,6 +269,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     accumulation = check_world_size(config, args.nproc)
     print(config.to_yaml(), end="")
     print(f"# {args.nproc} rank(s): gradient accumulation {accumulation}")
+    if config.stages:
+        steps = ", ".join(f"{s.name} {s.training.max_steps}" for s in config.stages)
+        print(f"# stages (steps): {steps}; {config.total_steps} in all")
     describe = backend_spec(config).describe
     for line in describe(config, args.nproc) if describe else []:
         print(line)
@@ -301,10 +304,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     logger.addHandler(RichHandler(console=console, show_path=False))
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        results = prepare_sets(config.data, config.run_dir, tokenizer, refresh=True, progress=progress)
-    for key, folder, outcome in results:
-        print(f"{key}: {outcome} ({folder})")
+    for index, view in enumerate(config.stage_views()):
+        prefix = f"stages.{index}." if config.stages else ""
+        with Progress(*columns, console=console, transient=True) as progress:
+            results = prepare_sets(view.data, config.run_dir, tokenizer, refresh=True, progress=progress)
+        for key, folder, outcome in results:
+            print(f"{prefix}{key}: {outcome} ({folder})")
     report = contamination_report(config)  # eval items and held-out records found in the training data
     for line in summary_lines(report) if report else []:
         print(line)
@@ -358,8 +363,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     config = _load_with_resources(args)
     ranks = config.slurm.world_size
-    for key, _, folder in config.data.prepared_sets(config.run_dir):  # before the job waits in a queue
-        print(f"data {key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
+    for index, view in enumerate(config.stage_views()):  # before the job waits in a queue
+        prefix = f"stages.{index}." if config.stages else ""
+        for key, _, folder in view.data.prepared_sets(config.run_dir):
+            print(f"data {prefix}{key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
     if args.dry_run:
         memory = estimate_gpu_memory(config, ranks)
         print(submit.dry_run_script(config, config.run_dir.resolve()), end="")
@@ -423,7 +430,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_job(jobs[-1], args.run)
     else:
         print("job          none launched (a run of keeltune train, or not started yet)")
-    print(f"progress     {submit.progress(args.run, config.training.max_steps)}")
+    print(f"progress     {submit.progress(args.run, config.total_steps)}")
     checkpoint = latest_checkpoint(args.run)
     print(f"checkpoint   {checkpoint.name if checkpoint else 'none yet'}")
     for note in damaged_checkpoints(args.run):
@@ -550,7 +557,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     for folder in export_checkpoint(config, checkpoint, args.out, merge=args.merge):
-        save_tokenizer(tokenizer, folder, config.data)
+        save_tokenizer(tokenizer, folder, config.stage_view(-1).data)  # a staged run: its last stage's
         follow_umask(folder)
         note = ""
         if args.interpolate is not None and (folder / "config.json").is_file():  # not the adapter folder

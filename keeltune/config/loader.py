@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from keeltune.config.schema import RESUME_MUTABLE, Config, ConfigError
+from keeltune.config.schema import RESUME_MUTABLE, STAGE_SECTIONS, Config, ConfigError
 from keeltune.config.sweep import SweepConfig
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -274,8 +274,12 @@ def _build(cls: type, data: Any, prefix: str, source: _Source) -> Any:
     except ConfigError as err:
         message = str(err)
         failing_key = re.match(r"[\w.]*", message).group(0)
+        section = failing_key.split(".")[0]
         if prefix and failing_key in fields:  # a section names its own keys; give them their full path
             message, failing_key = f"{prefix}.{message}", f"{prefix}.{failing_key}"
+        elif prefix.endswith(f".{section}"):  # a section nested deeper (a stage's) names itself from the top
+            outer = prefix[: -len(section)]
+            message, failing_key = outer + message, outer + failing_key
         raise ConfigError(f"{source.where(failing_key)}{message}") from None
 
 
@@ -357,9 +361,40 @@ def _fix_keys(entry: Any, keys: tuple[str, ...], fix: typing.Callable[[str], str
                 entry[key] = fix(entry[key])
 
 
+def _merged(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merged key by key, anything else (lists too) replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in over.items()}}
+    return copy.deepcopy(over)
+
+
+def _expand_stages(data: dict[str, Any], source: _Source) -> None:
+    """Each stage's data, training and regularization become the top level's with the stage's keys over them."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return  # absent, or the typed conversion says what is wrong
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        for section in ("model", "sharding"):
+            if section in stage:
+                key = f"stages.{i}.{section}"
+                raise ConfigError(
+                    f"{source.where(key)}{key}: the model and its backend are the same in every stage (each "
+                    f"stage trains what the previous one left); set {section} at the top level"
+                )
+        for section in STAGE_SECTIONS:
+            over = stage.get(section, {})
+            if over is not None and not isinstance(over, dict):
+                continue  # the typed conversion names it
+            stage[section] = _merged(data.get(section) or {}, over or {})
+
+
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Config:
     """Build and validate a Config from plain data."""
-    return _build(Config, copy.deepcopy(data), "", _Source(origin))
+    data, source = copy.deepcopy(data), _Source(origin)
+    _expand_stages(data, source)
+    return _build(Config, data, "", source)
 
 
 def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = ()) -> Config:
@@ -372,6 +407,11 @@ def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = 
     for assignment in overrides:
         _apply_override(data, assignment, source)
     _resolve_paths(data, path.parent)
+    stages = data.get("stages")
+    for stage in stages if isinstance(stages, list) else []:
+        if isinstance(stage, dict):
+            _resolve_paths(stage, path.parent)
+    _expand_stages(data, source)
     return _build(Config, data, "", source)
 
 

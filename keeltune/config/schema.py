@@ -1012,6 +1012,92 @@ class LoggingConfig:
             raise ConfigError("logging.every_steps: must be >= 1")
 
 
+# Keys a stage may not change: the backend is built once (batch shape, optimizer settings, precision, what the
+# model's modules bake in) and the whole run shares checkpoints, timeouts, its prepared folder and the retention
+# sets (forgetting is measured against the original base throughout). Set them at the top level.
+STAGE_FIXED = (
+    "training.global_batch_size",
+    "training.micro_batch_size",
+    "training.betas",
+    "training.eps",
+    "training.grad_clip",
+    "training.precision",
+    "training.collective_timeout_s",
+    "training.preflight_timeout_s",
+    "training.checkpoint",
+    "regularization.dropout",
+    "regularization.weight_decay",
+    "regularization.neftune_alpha",
+    "data.retention",
+    "data.prepared_dir",
+    "data.shard_samples",
+    "data.prepare_workers",
+    "data.loader_workers",
+    "data.verify_checksums",
+)
+STAGE_SECTIONS = ("data", "training", "regularization")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage of a staged run (continued pretraining, then fine-tuning, ...): the top level's data, training
+    and regularization with the stage's own keys over them (the loader merges them; lists are replaced whole).
+    Each stage starts a new learning-rate schedule (its own lr, warmup_steps, max_steps) and, with
+    ``reset_optimizer``, a fresh optimizer state; step numbers run on across stages."""
+
+    name: str
+    data: DataConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    reset_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} is not a stage name (letters, digits, '_', '-', '.'; e.g. cpt or sft)"
+            )
+
+
+def _value_at(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_stages(config: Config) -> None:
+    """Stage names unique, STAGE_FIXED keys as at the top level, a prepared folder name (the source's name) never
+    shared by two different sources, and each stage's own checks (as a whole config)."""
+    seen_names: set[str] = set()
+    sources: dict[str, tuple[str, SourceConfig]] = {}
+    for i, stage in enumerate(config.stages):
+        if stage.name in seen_names:
+            raise ConfigError(f"stages.{i}.name: {stage.name!r} names two stages; give each its own name")
+        seen_names.add(stage.name)
+        for key in STAGE_FIXED:
+            if _value_at(stage, key) != _value_at(config, key):
+                raise ConfigError(
+                    f"stages.{i}.{key}: {_value_at(stage, key)!r} differs from the top level's "
+                    f"{_value_at(config, key)!r}, but it must be the same in every stage (the backend is built "
+                    "once; checkpoints, the prepared folder and the retention sets are the whole run's); set it "
+                    "at the top level"
+                )
+        named = [(f"stages.{i}.data.train.{j}", s) for j, s in enumerate(stage.data.train)]
+        if stage.data.validation is not None:
+            named.append((f"stages.{i}.data.validation", stage.data.validation))
+        for key, source in named:
+            folder = f"{'val' if key.endswith('validation') else 'train'}-{source.name}"
+            if folder in sources and sources[folder][1] != source:
+                raise ConfigError(
+                    f"{key}: the name {source.name!r} is also used by {sources[folder][0]} for other data, and a "
+                    "source's prepared folder is named after it; give the two sources different names"
+                )
+            sources[folder] = (key, source)
+        try:
+            config.stage_view(i)
+        except ConfigError as err:
+            raise ConfigError(f"stages.{i}: {err}") from None
+
+
 @dataclass(kw_only=True)
 class Config:
     """The whole tree."""
@@ -1025,9 +1111,40 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the top level's settings
 
     def __post_init__(self) -> None:
         check_regularization(self)
+        check_stages(self)
+
+    def stage_view(self, index: int) -> Config:
+        """The config one stage trains with (``-1``: the last): the top level with the stage's data, training and
+        regularization (a config without stages; the whole config itself when it has none)."""
+        if not self.stages:
+            return self
+        stage = self.stages[index]
+        return dataclasses.replace(
+            self, data=stage.data, training=stage.training, regularization=stage.regularization, stages=[]
+        )
+
+    def stage_views(self) -> list[Config]:
+        return [self.stage_view(i) for i in range(max(1, len(self.stages)))]
+
+    def whole_run_view(self) -> Config:
+        """The last stage's config with every stage's train sources, each once: what the contamination check
+        compares held-out items with (the config itself without stages)."""
+        if not self.stages:
+            return self
+        sources: list[SourceConfig] = []
+        for view in self.stage_views():
+            sources += [s for s in view.data.train if s not in sources]
+        last = self.stage_view(len(self.stages) - 1)
+        return dataclasses.replace(last, data=dataclasses.replace(last.data, train=sources))
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run: the sum of the stages' max_steps (without stages: training.max_steps)."""
+        return sum(view.training.max_steps for view in self.stage_views())
 
     @property
     def run_dir(self) -> Path:

@@ -133,3 +133,15 @@ def add_neftune(model: torch.nn.Module, alpha: float) -> None:
         return output + torch.empty_like(output).uniform_(-1.0, 1.0) * scale
 
     model.get_input_embeddings().register_forward_hook(noisy)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter's optimizer state back to a new optimizer's (moments zero, step 0), in place: the next
+    step is a fresh optimizer's, and tensors DeepSpeed points at stay the same objects."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0

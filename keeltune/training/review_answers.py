@@ -107,7 +107,7 @@ def load_prompts(
     """``prompts``: a task of the run's ``eval.tasks`` (its format and generation settings), a JSONL file (in
     ``fmt``, default the validation set's format), or None: the first generate task, else ``data.validation``.
     ``n`` of them are drawn with ``seed`` (all when there are fewer), kept in file order."""
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_config(run_dir / CONFIG_FILE).stage_view(-1)  # a staged run: its last stage's data
     tasks = {task.name: task for task in config.eval.tasks}
     held_out = config.data.validation
     generation = TaskGenerationConfig(max_new_tokens=max_new_tokens or 128, stop=[])

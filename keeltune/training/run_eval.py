@@ -89,8 +89,9 @@ def _baseline(run_dir: Path) -> dict[str, float]:
 def held_out_folders(config: Config, tokenizer: Any) -> dict[str, Path]:
     """The prepared folders of the trainer's held-out sets (``val``, ``retention/<name>``), prepared first when
     they are not (next to, never over, sets prepared with another tokenizer)."""
-    prepared = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
-    names = held_out_names(config.data)
+    data = config.stage_view(-1).data  # a staged run's held-out sets are its last stage's
+    prepared = prepare_sets(data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
+    names = held_out_names(data)
     return {names[key]: folder for key, folder, _ in prepared}
 
 
