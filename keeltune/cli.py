@@ -291,6 +291,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
     from keeltune.sharding.model import load_tokenizer
+    from keeltune.training.vocabulary import ensure_extended_tokenizer
 
     config = load_config(args.config, args.overrides)
     check_paths(config)
@@ -302,6 +303,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     logger = logging.getLogger("keeltune")
     logger.setLevel(logging.INFO)
     logger.addHandler(RichHandler(console=console, show_path=False))
+    vocabulary = ensure_extended_tokenizer(
+        config
+    )  # model.extend_vocabulary: the tokenizer data are made with
+    if vocabulary is not None:
+        per_document = vocabulary["tokens_per_document"]
+        print(
+            f"domain vocabulary: {len(vocabulary['tokens'])} new tokens in {config.extended_base}; tokens per "
+            f"domain document {per_document['before']:.1f} -> {per_document['after']:.1f}"
+        )
+    config = config.with_extended_base()
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     for index, view in enumerate(config.stage_views()):
@@ -357,16 +368,24 @@ def _ranks_text(config: Config) -> str:
 def cmd_launch(args: argparse.Namespace) -> int:
     from keeltune.config.plan import estimate_gpu_memory
     from keeltune.data_pipeline.prepare import check_prepared_for_launch
+    from keeltune.data_pipeline.vocabulary import check_extended_vocabulary
     from keeltune.launcher import submit
     from keeltune.launcher.run_dir import prepare_run_dir
     from keeltune.run_folder import RANK_LOG, WANDB_DIR, logs_dir
 
     config = _load_with_resources(args)
     ranks = config.slurm.world_size
-    for index, view in enumerate(config.stage_views()):  # before the job waits in a queue
+    check_extended_vocabulary(config)
+    extended = config.with_extended_base()
+    for index, view in enumerate(extended.stage_views()):  # before the job waits in a queue
         prefix = f"stages.{index}." if config.stages else ""
         for key, _, folder in view.data.prepared_sets(config.run_dir):
-            print(f"data {prefix}{key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
+            if not Path(
+                extended.model.tokenizer_path
+            ).is_dir():  # the domain vocabulary is learned in the job
+                print(f"data {prefix}{key}: to prepare in the job, with the domain vocabulary")
+                continue
+            print(f"data {prefix}{key}: {check_prepared_for_launch(folder, extended.model.tokenizer_path)}")
     if args.dry_run:
         memory = estimate_gpu_memory(config, ranks)
         print(submit.dry_run_script(config, config.run_dir.resolve()), end="")
@@ -544,7 +563,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.run}: not a run folder (no {CONFIG_FILE}); give the folder `keeltune train` made"
         )
-    config = load_config(config_file)
+    config = load_config(config_file).with_extended_base()
     checkpoint, notes = checkpoint_to_read(
         args.run, args.checkpoint, checksums=config.training.checkpoint.verify == "checksum"
     )

@@ -53,12 +53,36 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class VocabularyConfig:
+    """Domain vocabulary: the words of the domain text that save the most tokens (frequent, split by the base
+    tokenizer into many pieces) become tokens of their own before training."""
+
+    new_tokens: int = 0  # how many tokens to add at most; 0: off
+    min_count: int = 20  # a word must occur this often in the domain text
+    min_pieces: int = 3  # ... and be split by the base tokenizer into at least this many pieces
+    sources: list[str] = field(default_factory=list)  # train sources read (names); []: the first stage's
+    max_documents: int = 100_000  # documents read from them (the first ones, in file order)
+
+    def __post_init__(self) -> None:
+        for key, low in (("new_tokens", 0), ("min_count", 1), ("min_pieces", 2), ("max_documents", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(
+                    f"model.extend_vocabulary.{key}: must be >= {low}, got {getattr(self, key)}"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.new_tokens > 0
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """A Hugging Face causal LM folder (safetensors) and how to run it."""
 
     path: str = ""
     tokenizer: str = ""  # defaults to the model folder
     gradient_checkpointing: bool = False
+    extend_vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -1012,6 +1036,33 @@ class LoggingConfig:
             raise ConfigError("logging.every_steps: must be >= 1")
 
 
+EXTENDED_BASE_DIR = "base_model"  # in the run folder: the base with the domain vocabulary
+
+
+def check_vocabulary(config: Config) -> None:
+    """The vocabulary is learned from train sources that exist, and the penalties anchored at the base's weights
+    are refused: the new rows have no pretrained value to be pulled back to."""
+    vocabulary = config.model.extend_vocabulary
+    if not vocabulary.enabled:
+        return
+    names = [s.name for view in config.stage_views() for s in view.data.train if s.generate is None]
+    for i, name in enumerate(vocabulary.sources):
+        if name not in names:
+            raise ConfigError(
+                f"model.extend_vocabulary.sources.{i}: {name!r} is no train source (with a path) of any stage; "
+                f"choose among {sorted(set(names))}"
+            )
+    for index, view in enumerate(config.stage_views()):
+        prefix = f"stages.{index}." if config.stages else ""
+        for name in ("l2sp", "ewc"):
+            if getattr(view.regularization, name).weight > 0:
+                raise ConfigError(
+                    f"{prefix}regularization.{name}: not with model.extend_vocabulary: its anchor is the base's "
+                    "weights, and the new tokens' rows have none; use kl (compared on the base vocabulary) or "
+                    "replay"
+                )
+
+
 # Keys a stage may not change: the backend is built once (batch shape, optimizer settings, precision, what the
 # model's modules bake in) and the whole run shares checkpoints, timeouts, its prepared folder and the retention
 # sets (forgetting is measured against the original base throughout). Set them at the top level.
@@ -1116,6 +1167,23 @@ class Config:
     def __post_init__(self) -> None:
         check_regularization(self)
         check_stages(self)
+        check_vocabulary(self)
+
+    @property
+    def extended_base(self) -> Path:
+        """Where the base model with the domain vocabulary is written (model.extend_vocabulary)."""
+        return self.run_dir / EXTENDED_BASE_DIR
+
+    def with_extended_base(self) -> Config:
+        """With model.extend_vocabulary on: the config with model.path and model.tokenizer at the extended base
+        (what the job trains, exports and evaluates); the config itself otherwise."""
+        if not self.model.extend_vocabulary.enabled:
+            return self
+        base = str(self.extended_base)
+        model = dataclasses.replace(
+            self.model, path=base, tokenizer=base, extend_vocabulary=VocabularyConfig()
+        )
+        return dataclasses.replace(self, model=model)
 
     def stage_view(self, index: int) -> Config:
         """The config one stage trains with (``-1``: the last): the top level with the stage's data, training and

@@ -41,7 +41,7 @@ def load_causal_lm(
     path: str,
     *,
     dropout: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     quantization: Any | None = None,
     device: torch.device | None = None,
 ) -> Any:
@@ -145,3 +145,21 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 value.zero_()
             elif key == "step":
                 state[key] = 0
+
+
+@torch.no_grad()
+def extend_embeddings(model: torch.nn.Module, first_id: int, pieces: list[list[int]]) -> None:
+    """Rows for new token ids ``first_id, first_id + 1, ...`` in the input embeddings and the output layer (one
+    matrix when tied), each the mean of its ``pieces``' rows; the old rows stay as they were. A model with
+    spare rows beyond its tokenizer (a padded vocabulary) uses them before growing."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    needed = first_id + len(pieces)
+    if needed > rows:
+        model.resize_token_embeddings(needed, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    for matrix in matrices:
+        for offset, ids in enumerate(pieces):
+            matrix[first_id + offset] = matrix[ids].float().mean(0).to(matrix.dtype)

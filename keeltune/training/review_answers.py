@@ -75,7 +75,11 @@ def _model(path: Path, run_config_dir: Path, against: str) -> ReviewModel:
                     f"{path}: no final model ({FINAL_MODEL_DIR}/) and no usable checkpoint ({err}); train it "
                     "first (keeltune train / launch) or name another run"
                 ) from None
-        tokenizer = str(final) if has_final else load_config(path / CONFIG_FILE).model.tokenizer_path
+        tokenizer = (
+            str(final)
+            if has_final
+            else load_config(path / CONFIG_FILE).with_extended_base().model.tokenizer_path
+        )
         return ReviewModel(path.name, path, tokenizer)
     if (path / "config.json").is_file():
         return ReviewModel(path.name, path, str(path))

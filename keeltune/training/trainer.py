@@ -55,6 +55,7 @@ from keeltune.training.regularizers import (
 )
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
+from keeltune.training.vocabulary import base_vocab_size, ensure_extended_base
 
 log = logging.getLogger("keeltune")
 
@@ -79,6 +80,10 @@ class Trainer:
     """Builds the pieces from the config, then runs ``fit``."""
 
     def __init__(self, config: Config, parallel: ParallelEnv) -> None:
+        if parallel.is_main:
+            ensure_extended_base(config)  # model.extend_vocabulary: the base with the domain tokens
+        parallel.barrier()
+        as_written, config = config, config.with_extended_base()
         self.whole_config = config
         self.views = config.stage_views()  # one per stage (the config itself without stages)
         self.config = self.views[0]  # the current stage's
@@ -103,7 +108,7 @@ class Trainer:
         for view, (_, eval_sets) in zip(self.views, self.stage_data, strict=True):
             context = RegularizerContext(
                 view, self.backend, parallel, self.run_dir, eval_sets, tokenizer=self.tokenizer,
-                _pretrained=pretrained,
+                base_vocab_size=base_vocab_size(config), _pretrained=pretrained,
             )  # fmt: skip
             self.stage_regularizers.append(build_regularizers(context))
             pretrained = context._pretrained
@@ -117,7 +122,7 @@ class Trainer:
         for regularizer in (r for stage in self.stage_regularizers for r in stage):
             regularizer.start(resumed=self.step > 0)
         self.metrics = MetricsLogger(
-            self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
+            self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=as_written.to_dict()
         )
         self.progress = StepProgress(total=config.total_steps, start=self.step, enabled=parallel.is_main)
         self._tokens_done, self._train_seconds = 0, 0.0

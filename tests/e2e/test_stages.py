@@ -36,7 +36,7 @@ def staged_config(assets: dict, root: Path, name: str, every: int = 2, **extra: 
             "checkpoint": {"every_steps": every, "keep_last": 3},
         },
         regularization={"dropout": 0.1},  # the resumed RNG state matters
-        eval={"every_steps": 2, "micro_batch_size": 8},
+        eval={"every_steps": 2, "micro_batch_size": 8, "max_samples": 64},  # 745 retention samples: a few do
     )
     config["stages"] = [
         {
@@ -150,3 +150,38 @@ def test_early_stopping_ends_a_stage_and_the_next_one_starts_there(assets: dict,
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "stage cpt ended at step 2 after checkpointing: early stopping: val/loss did not improve" in log
     assert "stage sft starts (4 steps" in log
+
+
+def test_a_domain_vocabulary_is_learned_from_the_first_stage_and_trained_in_both(
+    assets: dict, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = staged_config(assets, tmp_path / "runs", "vocab")
+    config["model"]["extend_vocabulary"] = {"new_tokens": 24, "min_count": 5, "min_pieces": 3}
+    config["stages"][1]["regularization"] = {"kl": {"weight": 0.5}}  # compared on the base vocabulary's rows
+    cfg = write_config(tmp_path / "cfg.yaml", config)
+    prepared = keeltune("prepare", str(cfg))
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert "domain vocabulary: 24 new tokens in" in prepared.stdout
+    done = keeltune("train", str(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "vocab"
+    report = json.loads((run_dir / "base_model" / "keeltune_vocabulary.json").read_text())
+    base_size = report["base_vocab_size"]
+    assert report["sources"] == ["domain"] and len(report["tokens"]) == 24
+    per_document = report["tokens_per_document"]
+    assert per_document["after"] < per_document["before"]
+    trained = {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+    assert all(0 < trained[s]["train/kl"] < 10 for s in range(CPT_STEPS + 1, STEPS + 1))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final", local_files_only=True)
+    assert len(tokenizer) == base_size + 24 == model.get_input_embeddings().weight.shape[0]
+    new = [t["id"] for t in report["tokens"]]
+    text = report["tokens"][0]["text"]
+    assert tokenizer.encode(text, add_special_tokens=False) == [new[0]]
+    base = load_file(run_dir / "base_model" / "model.safetensors")["model.embed_tokens.weight"]
+    final = load_file(run_dir / "final" / "model.safetensors")["model.embed_tokens.weight"]
+    pieces = report["tokens"][0]["pieces"]
+    assert torch.allclose(base[new[0]], base[pieces].mean(0))  # started at the mean of its pieces
+    assert not torch.equal(final[new], base[new])  # and trained
