@@ -21,8 +21,6 @@ from keeltune.config import Config, ConfigError, SourceConfig, VocabularyConfig
 from keeltune.data_pipeline.contamination import record_strings
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
 
-VOCABULARY_FILE = "keeltune_vocabulary.json"  # in the extended base: what was added, and why
-
 
 @dataclass(frozen=True)
 class NewToken:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from keeltune.run_folder import VOCABULARY_FILE
 
 
 def load_tokenizer(path: str) -> Any:
@@ -163,3 +167,10 @@ def extend_embeddings(model: torch.nn.Module, first_id: int, pieces: list[list[i
     for matrix in matrices:
         for offset, ids in enumerate(pieces):
             matrix[first_id + offset] = matrix[ids].float().mean(0).to(matrix.dtype)
+
+
+def new_token_ids(model_path: str) -> list[int]:
+    """The ids a domain vocabulary added to the base at ``model_path`` (the run's extended base); [] for any
+    other model."""
+    file = Path(model_path) / VOCABULARY_FILE
+    return [int(t["id"]) for t in json.loads(file.read_text())["tokens"]] if file.is_file() else []

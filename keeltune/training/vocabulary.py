@@ -20,7 +20,6 @@ from keeltune.config import Config
 from keeltune.data_pipeline.prepare import recipe
 from keeltune.data_pipeline.sources import DataError
 from keeltune.data_pipeline.vocabulary import (
-    VOCABULARY_FILE,
     NewToken,
     add_tokens,
     check_extendable,
@@ -28,6 +27,7 @@ from keeltune.data_pipeline.vocabulary import (
     learn_tokens,
     tokens_per_document,
 )
+from keeltune.run_folder import VOCABULARY_FILE
 from keeltune.sharding.model import extend_embeddings, load_causal_lm, load_tokenizer
 
 log = logging.getLogger("keeltune")

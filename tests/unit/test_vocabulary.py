@@ -142,3 +142,46 @@ def test_the_extended_base_is_what_the_job_trains(tmp_path: Path) -> None:
     assert extended.model.path == extended.model.tokenizer_path == str(tmp_path / "r" / "base_model")
     assert not extended.model.extend_vocabulary.enabled and extended.with_extended_base() is extended
     assert config_from_dict({**raw, "model": {"path": "/m"}}).with_extended_base().model.path == "/m"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qlora_trains_the_new_rows_and_its_merged_export_carries_them(tmp_path: Path, tied: bool) -> None:
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from keeltune.sharding.qlora import build_lora_model, write_merged
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=52, tie_word_embeddings=tied,
+        )
+    ).save_pretrained(tmp_path)  # fmt: skip
+    (tmp_path / "keeltune_vocabulary.json").write_text(json.dumps({"tokens": [{"id": 50}, {"id": 51}]}))
+    config = config_from_dict(
+        {
+            "model": {"path": str(tmp_path)},
+            "data": {"train": [{"name": "x", "path": "/x.jsonl"}]},
+            "training": {"max_steps": 4, "warmup_steps": 1},
+            "sharding": {"backend": "qlora"},
+        }
+    )
+    model = build_lora_model(config, torch.device("cpu"))
+    rows = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(rows) == (1 if tied else 2) and all("trainable_tokens_delta" in n for n in rows)
+    with torch.no_grad():  # as if trained
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(1.0)
+    write_merged(model, tmp_path / "merged", str(tmp_path), torch.float32)
+    merged, base = (
+        load_file(tmp_path / "merged" / "model.safetensors"),
+        load_file(tmp_path / "model.safetensors"),
+    )
+    for name in ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"]):
+        changed = (merged[name] - base[name]).abs().sum(1).nonzero().flatten().tolist()
+        assert changed == [50, 51], name  # the new rows trained, the base's rows as they were
+    assert ("lm_head.weight" in merged) == (not tied)  # a tied matrix is stored once
