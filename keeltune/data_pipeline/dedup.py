@@ -436,7 +436,7 @@ def dedup_plan(data: DataConfig, root: Path, *, announce: bool = False) -> Dedup
     if plan is None:
         plan = compute_plan(data, root)
     if fresh or announce:
-        _log_summary(plan.report)
+        _log_summary(plan.report, fresh)
     return plan
 
 
@@ -455,12 +455,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _log_summary(report: dict[str, Any]) -> None:
+def _log_summary(report: dict[str, Any], fresh: bool) -> None:
     for line in summary_lines(report):
         log.info("%s", line)
+    how = "found in" if fresh else "as found before (settings and files unchanged) in"
     log.info(
-        "dedup: %d documents compared in %d LSH pass(es), %.1f s; duplicates listed in %s",
-        report["documents"], report["passes"], report["seconds"], report["removed_file"],
+        "dedup: %d documents, duplicates %s %d LSH pass(es), %.1f s; listed in %s",
+        report["documents"], how, report["passes"], report["seconds"], report["removed_file"],
     )  # fmt: skip
 
 
