@@ -284,6 +284,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from keeltune.config import check_paths, load_config
     from keeltune.data_pipeline.contamination import contamination_report, summary_lines
+    from keeltune.data_pipeline.low_data import warn_low_data
     from keeltune.data_pipeline.prepare import prepare_sets
     from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
@@ -305,6 +306,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         results = prepare_sets(config.data, config.run_dir, tokenizer, refresh=True, progress=progress)
     for key, folder, outcome in results:
         print(f"{key}: {outcome} ({folder})")
+    warn_low_data(config)  # how many epochs the configured steps imply over each train source
     report = contamination_report(config)  # eval items and held-out records found in the training data
     for line in summary_lines(report) if report else []:
         print(line)

@@ -4,6 +4,7 @@ low-data warning."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ import pytest
 
 from keeltune.config import ConfigError, DataConfig, DedupConfig, FieldNames, SourceConfig, config_from_dict
 from keeltune.data_pipeline import dedup
+from keeltune.data_pipeline.low_data import warn_low_data
 from keeltune.data_pipeline.prepare import DataError, prepare_sets, prepare_source, read_index
 from keeltune.sharding.model import load_tokenizer
 from tests.conftest import _general_texts, base_config, write_jsonl
@@ -253,3 +255,27 @@ def test_dedup_settings_out_of_range_are_refused_with_their_key(assets, tmp_path
         raw["data"]["dedup"] = settings
         with pytest.raises(ConfigError, match=message):
             config_from_dict(raw)
+
+
+def test_few_samples_for_many_steps_warn_with_the_controls_left_off(
+    assets, tokenizer, tmp_path, caplog
+) -> None:
+    raw = base_config(assets, tmp_path / "runs", training={"max_steps": 200, "warmup_steps": 2},
+                      regularization={"neftune_alpha": 5.0, "early_stopping": {"patience": 3}})  # fmt: skip
+    config = config_from_dict(raw)
+    prepare_sets(config.data, config.run_dir, tokenizer, refresh=True)
+    samples = _index(config, "train-task")["num_samples"]
+    with caplog.at_level(logging.WARNING, logger="keeltune"):
+        warnings = warn_low_data(config)
+    epochs = 200 * 8 / samples
+    assert len(warnings) == 1 and warnings[0] in caplog.text
+    message = warnings[0]
+    assert message.startswith(f"data.train.0 (task): only {samples} samples (after deduplication) for "
+                              f"training.max_steps 200 x training.global_batch_size 8: about {epochs:.1f} epochs")  # fmt: skip
+    for control in ("training.max_steps: ", "regularization.dropout", "regularization.weight_decay",
+                    "a second data.train source with a weight", "regularization.kl.weight or regularization.l2sp"):  # fmt: skip
+        assert control in message
+    assert "neftune" not in message and "early_stopping" not in message  # already on
+    few = copy.deepcopy(raw)
+    few["training"]["max_steps"] = 4
+    assert warn_low_data(config_from_dict(few)) == []
