@@ -287,6 +287,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from keeltune.config import check_paths, load_config
     from keeltune.data_pipeline.contamination import contamination_report, summary_lines
+    from keeltune.data_pipeline.low_data import warn_low_data
     from keeltune.data_pipeline.prepare import prepare_sets
     from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
@@ -305,7 +306,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     logger.addHandler(RichHandler(console=console, show_path=False))
     vocabulary = ensure_extended_tokenizer(
         config
-    )  # model.extend_vocabulary: the tokenizer data are made with
+    )  # model.extend_vocabulary: what the data are tokenized with
     if vocabulary is not None:
         per_document = vocabulary["tokens_per_document"]
         print(
@@ -318,9 +319,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for index, view in enumerate(config.stage_views()):
         prefix = f"stages.{index}." if config.stages else ""
         with Progress(*columns, console=console, transient=True) as progress:
-            results = prepare_sets(view.data, config.run_dir, tokenizer, refresh=True, progress=progress)
+            results = prepare_sets(
+                view.data, config.run_dir, tokenizer, refresh=True, progress=progress,
+                dedup_over=config.whole_run_view().data,
+            )  # fmt: skip
         for key, folder, outcome in results:
             print(f"{prefix}{key}: {outcome} ({folder})")
+        warn_low_data(view)  # how many epochs the stage's steps imply over each train source
     report = contamination_report(config)  # eval items and held-out records found in the training data
     for line in summary_lines(report) if report else []:
         print(line)

@@ -443,12 +443,40 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+_NO_DEFAULT = object()
+
+
+def default_value(key: str, cls: type = Config) -> Any:
+    """The dataclass default of a flattened key such as ``data.dedup.threshold`` (list entries by index:
+    ``data.train.0.weight``); ``_NO_DEFAULT`` for a key without one (required, or unknown)."""
+    name, _, rest = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        return _NO_DEFAULT
+    tp = typing.get_type_hints(cls)[name]
+    if rest:
+        if typing.get_origin(tp) is list:  # skip the index
+            tp, rest = typing.get_args(tp)[0], rest.partition(".")[2]
+        nested = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        return default_value(rest, nested[0]) if nested and rest else _NO_DEFAULT
+    spec = fields[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+        return value if not dataclasses.is_dataclass(value) else _NO_DEFAULT
+    return _NO_DEFAULT
+
+
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Lines ``key: saved -> current`` for training-relevant keys that differ."""
+    """Lines ``key: saved -> current`` for training-relevant keys that differ. A key the saved config lacks
+    (saved by a keeltune that did not have it) counts as unchanged while it holds its default."""
     old, new = flatten(saved), flatten(current)
     lines = []
     for key in sorted(set(old) | set(new)):
         if any(key == m or key.startswith(m + ".") for m in RESUME_MUTABLE):
+            continue
+        if key not in old and key in new and new[key] == default_value(key):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             lines.append(f"  {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")

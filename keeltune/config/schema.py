@@ -208,6 +208,37 @@ class SourceConfig:
 
 
 @dataclass(kw_only=True)
+class DedupConfig:
+    """Duplicate training documents found by ``keeltune prepare`` across every ``data.train`` source read from
+    files, in config order: exact copies (sha256 of the record's text, whitespace collapsed and lowercased) and
+    near copies (MinHash-LSH over word ``shingle_words``-grams; estimated Jaccard similarity >= ``threshold``).
+    The first copy is kept; ``action: remove`` leaves the later ones out of the shards, ``report`` only lists
+    them. Validation and retention sets are never deduplicated."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128  # MinHash permutations: more estimate the similarity more precisely, and cost more
+    shingle_words: int = 5
+    action: Literal["remove", "report"] = "remove"
+    # documents per in-memory LSH pass (about 5.5 KB each with the default bands: 1,000,000 take ~5.5 GB);
+    # more are compared in passes of this many, with the same result: memory stays bounded whatever the size
+    max_index_docs: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(
+                f"data.dedup.threshold: must be in (0, 1] (a Jaccard similarity), got {self.threshold}"
+            )
+        if self.num_perm < 16:
+            raise ConfigError(f"data.dedup.num_perm: must be >= 16 (128 is usual), got {self.num_perm}")
+        if self.shingle_words < 1:
+            raise ConfigError(f"data.dedup.shingle_words: must be >= 1, got {self.shingle_words}")
+        if self.max_index_docs < 1:
+            raise ConfigError(f"data.dedup.max_index_docs: must be >= 1, got {self.max_index_docs}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """What to train and evaluate on; sources are prepared once into shards (``keeltune prepare``)."""
 
@@ -230,6 +261,9 @@ class DataConfig:
     # sha256 of the shards when training starts (rank 0): "once" skips shards verified before and unchanged since
     # (same size and mtime), so a resume after preemption does not hash terabytes again
     verify_checksums: Literal["once", "always", "never"] = "once"
+    dedup: DedupConfig = field(
+        default_factory=DedupConfig
+    )  # duplicate training documents (train sources only)
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -1080,6 +1114,7 @@ STAGE_FIXED = (
     "regularization.weight_decay",
     "regularization.neftune_alpha",
     "data.retention",
+    "data.dedup",  # one plan over every stage's train sources
     "data.prepared_dir",
     "data.shard_samples",
     "data.prepare_workers",
@@ -1239,6 +1274,7 @@ RESUME_MUTABLE = (
     "data.prepare_workers",
     "data.loader_workers",
     "data.verify_checksums",
+    "data.dedup.max_index_docs",  # memory per pass only: the same duplicates are found
 )
 
 
