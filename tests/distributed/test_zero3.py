@@ -372,3 +372,38 @@ def test_deepspeed_ops_built_at_setup_load_without_compiling_whatever_ninja_come
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "UNCHANGED" in done.stdout and "was compiled now" not in done.stderr
+
+
+def test_a_domain_vocabulary_trains_partitioned_and_exports_with_its_tokenizer(
+    assets: dict, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = base_config(
+        assets,
+        tmp_path / "runs",
+        training={
+            "max_steps": 3,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+        },
+        sharding={"backend": "zero3"},
+        eval={"every_steps": 3, "micro_batch_size": 4, "max_samples": 16},
+    )
+    config["model"]["extend_vocabulary"] = {"new_tokens": 20, "min_count": 5, "sources": ["general"]}
+    config["data"]["train"].append({"name": "general", "path": str(assets["general"]), "weight": 0.5})
+    config["data"]["train"][0]["weight"] = 0.5
+    done = keeltune("train", str(write_config(tmp_path / "cfg.yaml", config)), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "test"
+    report = json.loads((run_dir / "base_model" / "keeltune_vocabulary.json").read_text())
+    new = [t["id"] for t in report["tokens"]]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final", local_files_only=True)
+    assert len(tokenizer) == report["base_vocab_size"] + 20 == model.get_input_embeddings().weight.shape[0]
+    base = load_file(run_dir / "base_model" / "model.safetensors")["model.embed_tokens.weight"]
+    assert not torch.equal(
+        model.get_input_embeddings().weight.detach()[new], base[new]
+    )  # the new rows trained

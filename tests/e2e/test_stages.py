@@ -185,3 +185,9 @@ def test_a_domain_vocabulary_is_learned_from_the_first_stage_and_trained_in_both
     pieces = report["tokens"][0]["pieces"]
     assert torch.allclose(base[new[0]], base[pieces].mean(0))  # started at the mean of its pieces
     assert not torch.equal(final[new], base[new])  # and trained
+    # WiSE-FT from the extended base: every row, the new ones from their initial mean
+    half = keeltune("export", str(run_dir), "--out", str(tmp_path / "half"), "--interpolate", "0.5")
+    assert half.returncode == 0, half.stderr[-3000:]
+    exported = load_file(tmp_path / "half" / "model.safetensors")
+    midway = exported.get("model.embed_tokens.weight", exported.get("lm_head.weight"))  # tied: one is written
+    assert torch.allclose(midway, (base + final) / 2, atol=1e-6)
