@@ -143,6 +143,9 @@ def keeltune_config(work: Path, shape: Shape, backend: str) -> Any:
                 "train": [{"name": "random", "path": str(work / "train.jsonl")}],
                 "prepared_dir": str(work / "prepared"),
                 "prepare_workers": min(8, os.cpu_count() or 1),
+                # random words have no near copies to find; and that search needs datasketch and scipy,
+                # which the GPU image lacks (and bench/wheels has no room for)
+                "dedup": {"near": False},
             },
             "training": {
                 "max_steps": 1_000_000,

@@ -269,6 +269,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     accumulation = check_world_size(config, args.nproc)
     print(config.to_yaml(), end="")
     print(f"# {args.nproc} rank(s): gradient accumulation {accumulation}")
+    if config.stages:
+        steps = ", ".join(f"{s.name} {s.training.max_steps}" for s in config.stages)
+        print(f"# stages (steps): {steps}; {config.total_steps} in all")
     describe = backend_spec(config).describe
     for line in describe(config, args.nproc) if describe else []:
         print(line)
@@ -284,10 +287,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from keeltune.config import check_paths, load_config
     from keeltune.data_pipeline.contamination import contamination_report, summary_lines
+    from keeltune.data_pipeline.low_data import warn_low_data
     from keeltune.data_pipeline.prepare import prepare_sets
     from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
     from keeltune.sharding.model import load_tokenizer
+    from keeltune.training.vocabulary import ensure_extended_tokenizer
 
     config = load_config(args.config, args.overrides)
     check_paths(config)
@@ -299,12 +304,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     logger = logging.getLogger("keeltune")
     logger.setLevel(logging.INFO)
     logger.addHandler(RichHandler(console=console, show_path=False))
+    vocabulary = ensure_extended_tokenizer(
+        config
+    )  # model.extend_vocabulary: what the data are tokenized with
+    if vocabulary is not None:
+        per_document = vocabulary["tokens_per_document"]
+        print(
+            f"domain vocabulary: {len(vocabulary['tokens'])} new tokens in {config.extended_base}; tokens per "
+            f"domain document {per_document['before']:.1f} -> {per_document['after']:.1f}"
+        )
+    config = config.with_extended_base()
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        results = prepare_sets(config.data, config.run_dir, tokenizer, refresh=True, progress=progress)
-    for key, folder, outcome in results:
-        print(f"{key}: {outcome} ({folder})")
+    for index, view in enumerate(config.stage_views()):
+        prefix = f"stages.{index}." if config.stages else ""
+        with Progress(*columns, console=console, transient=True) as progress:
+            results = prepare_sets(
+                view.data, config.run_dir, tokenizer, refresh=True, progress=progress,
+                dedup_over=config.whole_run_view().data,
+            )  # fmt: skip
+        for key, folder, outcome in results:
+            print(f"{prefix}{key}: {outcome} ({folder})")
+        warn_low_data(view)  # how many epochs the stage's steps imply over each train source
     report = contamination_report(config)  # eval items and held-out records found in the training data
     for line in summary_lines(report) if report else []:
         print(line)
@@ -352,14 +373,24 @@ def _ranks_text(config: Config) -> str:
 def cmd_launch(args: argparse.Namespace) -> int:
     from keeltune.config.plan import estimate_gpu_memory
     from keeltune.data_pipeline.prepare import check_prepared_for_launch
+    from keeltune.data_pipeline.vocabulary import check_extended_vocabulary
     from keeltune.launcher import submit
     from keeltune.launcher.run_dir import prepare_run_dir
     from keeltune.run_folder import RANK_LOG, WANDB_DIR, logs_dir
 
     config = _load_with_resources(args)
     ranks = config.slurm.world_size
-    for key, _, folder in config.data.prepared_sets(config.run_dir):  # before the job waits in a queue
-        print(f"data {key}: {check_prepared_for_launch(folder, config.model.tokenizer_path)}")
+    check_extended_vocabulary(config)
+    extended = config.with_extended_base()
+    for index, view in enumerate(extended.stage_views()):  # before the job waits in a queue
+        prefix = f"stages.{index}." if config.stages else ""
+        for key, _, folder in view.data.prepared_sets(config.run_dir):
+            if not Path(
+                extended.model.tokenizer_path
+            ).is_dir():  # the domain vocabulary is learned in the job
+                print(f"data {prefix}{key}: to prepare in the job, with the domain vocabulary")
+                continue
+            print(f"data {prefix}{key}: {check_prepared_for_launch(folder, extended.model.tokenizer_path)}")
     if args.dry_run:
         memory = estimate_gpu_memory(config, ranks)
         print(submit.dry_run_script(config, config.run_dir.resolve()), end="")
@@ -423,7 +454,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_job(jobs[-1], args.run)
     else:
         print("job          none launched (a run of keeltune train, or not started yet)")
-    print(f"progress     {submit.progress(args.run, config.training.max_steps)}")
+    print(f"progress     {submit.progress(args.run, config.total_steps)}")
     checkpoint = latest_checkpoint(args.run)
     print(f"checkpoint   {checkpoint.name if checkpoint else 'none yet'}")
     for note in damaged_checkpoints(args.run):
@@ -537,7 +568,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.run}: not a run folder (no {CONFIG_FILE}); give the folder `keeltune train` made"
         )
-    config = load_config(config_file)
+    config = load_config(config_file).with_extended_base()
     checkpoint, notes = checkpoint_to_read(
         args.run, args.checkpoint, checksums=config.training.checkpoint.verify == "checksum"
     )
@@ -550,7 +581,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     for folder in export_checkpoint(config, checkpoint, args.out, merge=args.merge):
-        save_tokenizer(tokenizer, folder, config.data)
+        save_tokenizer(tokenizer, folder, config.stage_view(-1).data)  # a staged run: its last stage's
         follow_umask(folder)
         note = ""
         if args.interpolate is not None and (folder / "config.json").is_file():  # not the adapter folder

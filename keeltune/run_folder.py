@@ -30,6 +30,7 @@ SUBMITIT_DIR = "submitit"  # submitit's own files, one folder per job
 WANDB_DIR = "wandb"  # made by W&B in the run folder (offline runs stay there)
 REPORT_DIR = "report"  # `keeltune report`'s plots and summary, by default
 REPORT_FILE = "report.md"  # in REPORT_DIR
+VOCABULARY_FILE = "keeltune_vocabulary.json"  # in the extended base (model.extend_vocabulary): what was added
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 

@@ -28,23 +28,17 @@ def check_paths(config: Config) -> None:
     tokenizer = Path(config.model.tokenizer_path)
     if not tokenizer.is_dir():
         raise ConfigError(f"model.tokenizer: {tokenizer} is not a folder with a saved tokenizer")
-    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train) if s.generate is None]
-    sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
-    if config.data.validation:
-        sets.append(("data.validation", config.data.validation.path))
-    for key, pattern in sets:
-        if not glob.glob(pattern):
-            raise ConfigError(
-                f"{key}.path: {pattern} does not exist (a file, a glob matching files, or a folder is expected)"
-            )
     files = [(f"eval.bias.probes.{i}.path", p.path) for i, p in enumerate(config.eval.bias.probes) if p.path]
     files += [(f"eval.bias.probes.{i}.anti_path", p.anti_path) for i, p in enumerate(config.eval.bias.probes)]
-    files += [
-        (f"data.train.{i}.counterfactual.swaps", s.counterfactual.swaps)
-        for i, s in enumerate(config.data.train)
-        if s.counterfactual is not None
-    ]
-    files.append(("regularization.consistency.swaps", config.regularization.consistency.swaps))
+    for index, view in enumerate(config.stage_views()):
+        prefix = f"stages.{index}." if config.stages else ""
+        _check_data_paths(view, prefix)
+        files += [
+            (f"{prefix}data.train.{i}.counterfactual.swaps", s.counterfactual.swaps)
+            for i, s in enumerate(view.data.train)
+            if s.counterfactual is not None
+        ]
+        files.append((f"{prefix}regularization.consistency.swaps", view.regularization.consistency.swaps))
     for key, file in files:
         if file and not Path(file).is_file():
             raise ConfigError(f"{key}: {file} is not a file")
@@ -65,3 +59,16 @@ def check_paths(config: Config) -> None:
             f"run.root: {config.run.root} is not writable ({problem}); "
             "choose a folder you can write, e.g. --set run.root=$HOME/keeltune-runs"
         )
+
+
+def _check_data_paths(config: Config, prefix: str) -> None:
+    sets = [(f"data.train.{i}", s.path) for i, s in enumerate(config.data.train) if s.generate is None]
+    sets += [(f"data.retention.{i}", s.path) for i, s in enumerate(config.data.retention)]
+    if config.data.validation:
+        sets.append(("data.validation", config.data.validation.path))
+    for key, pattern in sets:
+        if not glob.glob(pattern):
+            raise ConfigError(
+                f"{prefix}{key}.path: {pattern} does not exist (a file, a glob matching files, or a folder is "
+                "expected)"
+            )

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from keeltune.config.schema import RESUME_MUTABLE, Config, ConfigError
+from keeltune.config.schema import RESUME_MUTABLE, STAGE_SECTIONS, Config, ConfigError
 from keeltune.config.sweep import SweepConfig
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -274,8 +274,12 @@ def _build(cls: type, data: Any, prefix: str, source: _Source) -> Any:
     except ConfigError as err:
         message = str(err)
         failing_key = re.match(r"[\w.]*", message).group(0)
+        section = failing_key.split(".")[0]
         if prefix and failing_key in fields:  # a section names its own keys; give them their full path
             message, failing_key = f"{prefix}.{message}", f"{prefix}.{failing_key}"
+        elif prefix.endswith(f".{section}"):  # a section nested deeper (a stage's) names itself from the top
+            outer = prefix[: -len(section)]
+            message, failing_key = outer + message, outer + failing_key
         raise ConfigError(f"{source.where(failing_key)}{message}") from None
 
 
@@ -357,9 +361,40 @@ def _fix_keys(entry: Any, keys: tuple[str, ...], fix: typing.Callable[[str], str
                 entry[key] = fix(entry[key])
 
 
+def _merged(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merged key by key, anything else (lists too) replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in over.items()}}
+    return copy.deepcopy(over)
+
+
+def _expand_stages(data: dict[str, Any], source: _Source) -> None:
+    """Each stage's data, training and regularization become the top level's with the stage's keys over them."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return  # absent, or the typed conversion says what is wrong
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        for section in ("model", "sharding"):
+            if section in stage:
+                key = f"stages.{i}.{section}"
+                raise ConfigError(
+                    f"{source.where(key)}{key}: the model and its backend are the same in every stage (each "
+                    f"stage trains what the previous one left); set {section} at the top level"
+                )
+        for section in STAGE_SECTIONS:
+            over = stage.get(section, {})
+            if over is not None and not isinstance(over, dict):
+                continue  # the typed conversion names it
+            stage[section] = _merged(data.get(section) or {}, over or {})
+
+
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Config:
     """Build and validate a Config from plain data."""
-    return _build(Config, copy.deepcopy(data), "", _Source(origin))
+    data, source = copy.deepcopy(data), _Source(origin)
+    _expand_stages(data, source)
+    return _build(Config, data, "", source)
 
 
 def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = ()) -> Config:
@@ -372,6 +407,11 @@ def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = 
     for assignment in overrides:
         _apply_override(data, assignment, source)
     _resolve_paths(data, path.parent)
+    stages = data.get("stages")
+    for stage in stages if isinstance(stages, list) else []:
+        if isinstance(stage, dict):
+            _resolve_paths(stage, path.parent)
+    _expand_stages(data, source)
     return _build(Config, data, "", source)
 
 
@@ -403,12 +443,40 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+_NO_DEFAULT = object()
+
+
+def default_value(key: str, cls: type = Config) -> Any:
+    """The dataclass default of a flattened key such as ``data.dedup.threshold`` (list entries by index:
+    ``data.train.0.weight``); ``_NO_DEFAULT`` for a key without one (required, or unknown)."""
+    name, _, rest = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        return _NO_DEFAULT
+    tp = typing.get_type_hints(cls)[name]
+    if rest:
+        if typing.get_origin(tp) is list:  # skip the index
+            tp, rest = typing.get_args(tp)[0], rest.partition(".")[2]
+        nested = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        return default_value(rest, nested[0]) if nested and rest else _NO_DEFAULT
+    spec = fields[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+        return value if not dataclasses.is_dataclass(value) else _NO_DEFAULT
+    return _NO_DEFAULT
+
+
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Lines ``key: saved -> current`` for training-relevant keys that differ."""
+    """Lines ``key: saved -> current`` for training-relevant keys that differ. A key the saved config lacks
+    (saved by a keeltune that did not have it) counts as unchanged while it holds its default."""
     old, new = flatten(saved), flatten(current)
     lines = []
     for key in sorted(set(old) | set(new)):
         if any(key == m or key.startswith(m + ".") for m in RESUME_MUTABLE):
+            continue
+        if key not in old and key in new and new[key] == default_value(key):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             lines.append(f"  {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")

@@ -53,12 +53,36 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class VocabularyConfig:
+    """Domain vocabulary: the words of the domain text that save the most tokens (frequent, split by the base
+    tokenizer into many pieces) become tokens of their own before training."""
+
+    new_tokens: int = 0  # how many tokens to add at most; 0: off
+    min_count: int = 20  # a word must occur this often in the domain text
+    min_pieces: int = 3  # ... and be split by the base tokenizer into at least this many pieces
+    sources: list[str] = field(default_factory=list)  # train sources read (names); []: the first stage's
+    max_documents: int = 100_000  # documents read from them (the first ones, in file order)
+
+    def __post_init__(self) -> None:
+        for key, low in (("new_tokens", 0), ("min_count", 1), ("min_pieces", 2), ("max_documents", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(
+                    f"model.extend_vocabulary.{key}: must be >= {low}, got {getattr(self, key)}"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.new_tokens > 0
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """A Hugging Face causal LM folder (safetensors) and how to run it."""
 
     path: str = ""
     tokenizer: str = ""  # defaults to the model folder
     gradient_checkpointing: bool = False
+    extend_vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -184,6 +208,37 @@ class SourceConfig:
 
 
 @dataclass(kw_only=True)
+class DedupConfig:
+    """Duplicate training documents found by ``keeltune prepare`` across every ``data.train`` source read from
+    files, in config order: exact copies (sha256 of the record's text, whitespace collapsed and lowercased) and
+    near copies (MinHash-LSH over word ``shingle_words``-grams; estimated Jaccard similarity >= ``threshold``).
+    The first copy is kept; ``action: remove`` leaves the later ones out of the shards, ``report`` only lists
+    them. Validation and retention sets are never deduplicated."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128  # MinHash permutations: more estimate the similarity more precisely, and cost more
+    shingle_words: int = 5
+    action: Literal["remove", "report"] = "remove"
+    # documents per in-memory LSH pass (about 5.5 KB each with the default bands: 1,000,000 take ~5.5 GB);
+    # more are compared in passes of this many, with the same result: memory stays bounded whatever the size
+    max_index_docs: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(
+                f"data.dedup.threshold: must be in (0, 1] (a Jaccard similarity), got {self.threshold}"
+            )
+        if self.num_perm < 16:
+            raise ConfigError(f"data.dedup.num_perm: must be >= 16 (128 is usual), got {self.num_perm}")
+        if self.shingle_words < 1:
+            raise ConfigError(f"data.dedup.shingle_words: must be >= 1, got {self.shingle_words}")
+        if self.max_index_docs < 1:
+            raise ConfigError(f"data.dedup.max_index_docs: must be >= 1, got {self.max_index_docs}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """What to train and evaluate on; sources are prepared once into shards (``keeltune prepare``)."""
 
@@ -206,6 +261,9 @@ class DataConfig:
     # sha256 of the shards when training starts (rank 0): "once" skips shards verified before and unchanged since
     # (same size and mtime), so a resume after preemption does not hash terabytes again
     verify_checksums: Literal["once", "always", "never"] = "once"
+    dedup: DedupConfig = field(
+        default_factory=DedupConfig
+    )  # duplicate training documents (train sources only)
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -1019,6 +1077,120 @@ class LoggingConfig:
             raise ConfigError("logging.every_steps: must be >= 1")
 
 
+EXTENDED_BASE_DIR = "base_model"  # in the run folder: the base with the domain vocabulary
+
+
+def check_vocabulary(config: Config) -> None:
+    """The vocabulary is learned from train sources that exist, and the penalties anchored at the base's weights
+    are refused: the new rows have no pretrained value to be pulled back to."""
+    vocabulary = config.model.extend_vocabulary
+    if not vocabulary.enabled:
+        return
+    names = [s.name for view in config.stage_views() for s in view.data.train if s.generate is None]
+    for i, name in enumerate(vocabulary.sources):
+        if name not in names:
+            raise ConfigError(
+                f"model.extend_vocabulary.sources.{i}: {name!r} is no train source (with a path) of any stage; "
+                f"choose among {sorted(set(names))}"
+            )
+    for index, view in enumerate(config.stage_views()):
+        prefix = f"stages.{index}." if config.stages else ""
+        for name in ("l2sp", "ewc"):
+            if getattr(view.regularization, name).weight > 0:
+                raise ConfigError(
+                    f"{prefix}regularization.{name}: not with model.extend_vocabulary: its anchor is the base's "
+                    "weights, and the new tokens' rows have none; use kl (compared on the base vocabulary) or "
+                    "replay"
+                )
+
+
+# Keys a stage may not change: the backend is built once (batch shape, optimizer settings, precision, what the
+# model's modules bake in) and the whole run shares checkpoints, timeouts, its prepared folder and the retention
+# sets (forgetting is measured against the original base throughout). Set them at the top level.
+STAGE_FIXED = (
+    "training.global_batch_size",
+    "training.micro_batch_size",
+    "training.betas",
+    "training.eps",
+    "training.grad_clip",
+    "training.precision",
+    "training.collective_timeout_s",
+    "training.preflight_timeout_s",
+    "training.checkpoint",
+    "regularization.dropout",
+    "regularization.weight_decay",
+    "regularization.neftune_alpha",
+    "data.retention",
+    "data.dedup",  # one plan over every stage's train sources
+    "data.prepared_dir",
+    "data.shard_samples",
+    "data.prepare_workers",
+    "data.loader_workers",
+    "data.verify_checksums",
+)
+STAGE_SECTIONS = ("data", "training", "regularization")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage of a staged run (continued pretraining, then fine-tuning, ...): the top level's data, training
+    and regularization with the stage's own keys over them (the loader merges them; lists are replaced whole).
+    Each stage starts a new learning-rate schedule (its own lr, warmup_steps, max_steps) and, with
+    ``reset_optimizer``, a fresh optimizer state; step numbers run on across stages."""
+
+    name: str
+    data: DataConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    reset_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(
+                f"name: {self.name!r} is not a stage name (letters, digits, '_', '-', '.'; e.g. cpt or sft)"
+            )
+
+
+def _value_at(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_stages(config: Config) -> None:
+    """Stage names unique, STAGE_FIXED keys as at the top level, a prepared folder name (the source's name) never
+    shared by two different sources, and each stage's own checks (as a whole config)."""
+    seen_names: set[str] = set()
+    sources: dict[str, tuple[str, SourceConfig]] = {}
+    for i, stage in enumerate(config.stages):
+        if stage.name in seen_names:
+            raise ConfigError(f"stages.{i}.name: {stage.name!r} names two stages; give each its own name")
+        seen_names.add(stage.name)
+        for key in STAGE_FIXED:
+            if _value_at(stage, key) != _value_at(config, key):
+                raise ConfigError(
+                    f"stages.{i}.{key}: {_value_at(stage, key)!r} differs from the top level's "
+                    f"{_value_at(config, key)!r}, but it must be the same in every stage (the backend is built "
+                    "once; checkpoints, the prepared folder and the retention sets are the whole run's); set it "
+                    "at the top level"
+                )
+        named = [(f"stages.{i}.data.train.{j}", s) for j, s in enumerate(stage.data.train)]
+        if stage.data.validation is not None:
+            named.append((f"stages.{i}.data.validation", stage.data.validation))
+        for key, source in named:
+            folder = f"{'val' if key.endswith('validation') else 'train'}-{source.name}"
+            if folder in sources and sources[folder][1] != source:
+                raise ConfigError(
+                    f"{key}: the name {source.name!r} is also used by {sources[folder][0]} for other data, and a "
+                    "source's prepared folder is named after it; give the two sources different names"
+                )
+            sources[folder] = (key, source)
+        try:
+            config.stage_view(i)
+        except ConfigError as err:
+            raise ConfigError(f"stages.{i}: {err}") from None
+
+
 @dataclass(kw_only=True)
 class Config:
     """The whole tree."""
@@ -1032,9 +1204,57 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the top level's settings
 
     def __post_init__(self) -> None:
         check_regularization(self)
+        check_stages(self)
+        check_vocabulary(self)
+
+    @property
+    def extended_base(self) -> Path:
+        """Where the base model with the domain vocabulary is written (model.extend_vocabulary)."""
+        return self.run_dir / EXTENDED_BASE_DIR
+
+    def with_extended_base(self) -> Config:
+        """With model.extend_vocabulary on: the config with model.path and model.tokenizer at the extended base
+        (what the job trains, exports and evaluates); the config itself otherwise."""
+        if not self.model.extend_vocabulary.enabled:
+            return self
+        base = str(self.extended_base)
+        model = dataclasses.replace(
+            self.model, path=base, tokenizer=base, extend_vocabulary=VocabularyConfig()
+        )
+        return dataclasses.replace(self, model=model)
+
+    def stage_view(self, index: int) -> Config:
+        """The config one stage trains with (``-1``: the last): the top level with the stage's data, training and
+        regularization (a config without stages; the whole config itself when it has none)."""
+        if not self.stages:
+            return self
+        stage = self.stages[index]
+        return dataclasses.replace(
+            self, data=stage.data, training=stage.training, regularization=stage.regularization, stages=[]
+        )
+
+    def stage_views(self) -> list[Config]:
+        return [self.stage_view(i) for i in range(max(1, len(self.stages)))]
+
+    def whole_run_view(self) -> Config:
+        """The last stage's config with every stage's train sources, each once: what the contamination check
+        compares held-out items with (the config itself without stages)."""
+        if not self.stages:
+            return self
+        sources: list[SourceConfig] = []
+        for view in self.stage_views():
+            sources += [s for s in view.data.train if s not in sources]
+        last = self.stage_view(len(self.stages) - 1)
+        return dataclasses.replace(last, data=dataclasses.replace(last.data, train=sources))
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run: the sum of the stages' max_steps (without stages: training.max_steps)."""
+        return sum(view.training.max_steps for view in self.stage_views())
 
     @property
     def run_dir(self) -> Path:
@@ -1061,6 +1281,7 @@ RESUME_MUTABLE = (
     "data.prepare_workers",
     "data.loader_workers",
     "data.verify_checksums",
+    "data.dedup.max_index_docs",  # memory per pass only: the same duplicates are found
 )
 
 

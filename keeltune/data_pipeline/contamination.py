@@ -433,6 +433,7 @@ def read_report(config: Config) -> dict[str, Any] | None:
 def contamination_report(config: Config) -> dict[str, Any] | None:
     """The current report, computed (and written) when missing or stale; None when the config has nothing to
     check (no evaluation task, validation or retention set)."""
+    config = config.whole_run_view()
     if not has_items(config):
         return None
     return read_report(config) or check_contamination(config)

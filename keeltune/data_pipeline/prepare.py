@@ -37,6 +37,7 @@ import numpy as np
 from keeltune.atomic import atomic_path, fsync_folder, write_json_atomically
 from keeltune.config import DataConfig, FieldNames, SourceConfig
 from keeltune.data_pipeline.counterfactual import Augmenter, summary
+from keeltune.data_pipeline.dedup import DedupPlan, dedup_plan, removed_digest
 from keeltune.data_pipeline.formats import Document, encode_record, own_chat_template
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
 from keeltune.data_pipeline.token_bytes import token_byte_lengths
@@ -106,9 +107,12 @@ def recipe(
     long_documents: str,
     long_prompts: str = "truncate",
     digests: bool = False,
+    removed: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything the prepared samples depend on besides the tokenizer: settings (with the sha256 of a
-    counterfactual swaps file) and the input files (size, modification time, and with ``digests`` their sha256)."""
+    counterfactual swaps file), the input files (size, modification time, and with ``digests`` their sha256)
+    and, when deduplication removes any, which records are left out (``dedup_removed``: their count and a hash
+    of their numbers; absent when none are, as in sets prepared before deduplication existed)."""
     files = []
     for path, kind in resolve_files(source.path, source.type):
         stats = {"path": str(path), "type": kind, **_file_stat(path)}
@@ -121,6 +125,8 @@ def recipe(
                 f"{swaps}: the counterfactual swaps file of source {source.name!r} does not exist"
             )
         settings["counterfactual"]["swaps_sha256"] = file_digest(Path(swaps))
+    if removed is not None and len(removed):
+        settings["dedup_removed"] = removed_digest(removed)
     return {
         **settings, "seq_len": seq_len, "long_documents": long_documents, "long_prompts": long_prompts,
         "files": files,
@@ -346,17 +352,20 @@ def _pack_records(
     long_prompts: str,
     workers: int,
     on_progress: Callable[[int, int], None] | None,
+    removed: np.ndarray,
 ) -> dict[str, int]:
-    """Tokenize every record (and its counterfactual twin) into ``writer``; bad ones fail or go to ``rejects``;
-    records whose prompt fills the sequence are cut or dropped (``long_prompts``). Returns the counts."""
+    """Tokenize every record (and its counterfactual twin) into ``writer`` but the ``removed`` record numbers
+    (duplicates, sorted); bad ones fail or go to ``rejects``; records whose prompt fills the sequence are cut or
+    dropped (``long_prompts``). Returns the counts (``records``: those tokenized, after deduplication)."""
     counts = {
         "records": 0, "documents": 0, "rejected": 0, "truncated": 0, "tokens": 0, "long_prompts_cut": 0,
-        "long_prompts_dropped": 0,
+        "long_prompts_dropped": 0, "dedup_removed": len(removed),
     }  # fmt: skip
     if source.counterfactual is not None:
         counts.update(counterfactual_twinned=0, counterfactual_unchanged=0)
     width = writer.seq_len + 1
-    for chunk, results in _encoded(read_records(files), tokenizer, source, workers):
+    records = _without(read_records(files), removed)
+    for chunk, results in _encoded(records, tokenizer, source, workers):
         for (location, payload), (documents, error, outcome) in zip(chunk, results, strict=True):
             counts["records"] += 1
             if error:
@@ -387,6 +396,18 @@ def _pack_records(
     return counts
 
 
+def _without(records: Iterable[tuple[str, Any]], removed: np.ndarray) -> Iterator[tuple[str, Any]]:
+    """The records but those whose number (from 0) is in the sorted ``removed``: before the tokenizing pool
+    sees them, so what is kept does not depend on the number of workers."""
+    skip = iter(removed.tolist())
+    next_skip = next(skip, -1)
+    for number, item in enumerate(records):
+        if number == next_skip:
+            next_skip = next(skip, -1)
+            continue
+        yield item
+
+
 def prepare_source(
     source: SourceConfig,
     out_dir: Path,
@@ -398,15 +419,18 @@ def prepare_source(
     shard_samples: int = 8192,
     workers: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
+    removed: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Tokenize and pack ``source`` into shards in ``out_dir`` (replaced atomically); return the index.
 
     ``on_progress(records, tokens)`` is called as chunks complete. Bad records fail with file:line, or with
     ``on_error: skip`` are counted and written to ``rejects.jsonl`` in the folder (next to it, as
-    ``<folder>.rejects.jsonl``, when no record was usable).
+    ``<folder>.rejects.jsonl``, when no record was usable). ``removed``: the sorted numbers (from 0, in the
+    order the source's files are read) of records left out, the duplicates ``dedup.dedup_plan`` found.
     """
     started = time.perf_counter()
-    source_recipe = recipe(source, seq_len, long_documents, long_prompts, digests=True)
+    removed = np.zeros(0, np.int64) if removed is None else np.asarray(removed, np.int64)
+    source_recipe = recipe(source, seq_len, long_documents, long_prompts, digests=True, removed=removed)
     files = [(Path(f["path"]), f["type"]) for f in source_recipe["files"]]
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -422,6 +446,7 @@ def prepare_source(
             counts = _pack_records(
                 files, source, writer, rejects, tokenizer=tokenizer, long_documents=long_documents,
                 long_prompts=long_prompts, workers=workers or os.cpu_count() or 1, on_progress=on_progress,
+                removed=removed,
             )  # fmt: skip
         if writer.target_tokens == 0:
             kept = ""
@@ -545,18 +570,31 @@ def check_index(folder: Path, index: dict[str, Any], fingerprint: str | None) ->
         )
 
 
+STALE_NAMES = {"dedup_removed": "the duplicate records data.dedup removes"}
+
+
 def staleness(
-    folder: Path, source: SourceConfig, tokenizer: Any, seq_len: int, long_documents: str, long_prompts: str
+    folder: Path,
+    source: SourceConfig,
+    tokenizer: Any,
+    seq_len: int,
+    long_documents: str,
+    long_prompts: str,
+    removed: np.ndarray | None = None,
 ) -> str | None:
     """What differs between the prepared ``folder`` and the source now (None: current, "not prepared" when
-    there is no index); another tokenizer or format version raises DataError."""
+    there is no index), ``removed`` the records deduplication leaves out now; another tokenizer or format
+    version raises DataError."""
     index = read_index(folder)
     if index is None:
         return "not prepared"
     check_index(folder, index, tokenizer_fingerprint(tokenizer))
-    now, then = recipe(source, seq_len, long_documents, long_prompts), index["recipe"]
+    now = recipe(source, seq_len, long_documents, long_prompts, removed=removed)
+    then = index["recipe"]
     settings = [
-        k for k in sorted(set(now) | set(then)) if k not in ("files", "path") and now.get(k) != then.get(k)
+        STALE_NAMES.get(k, k)
+        for k in sorted(set(now) | set(then))
+        if k not in ("files", "path") and now.get(k) != then.get(k)
     ]
     changed = settings + (["the source files"] if _files_changed(now["files"], then["files"]) else [])
     if changed:
@@ -566,7 +604,9 @@ def staleness(
     return None
 
 
-def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataConfig, progress: Any) -> dict:
+def _prepare_one(
+    source: SourceConfig, folder: Path, tokenizer: Any, data: DataConfig, progress: Any, removed: np.ndarray
+) -> dict:
     task = progress.add_task(source.name, total=None) if progress else None
 
     def show(records: int, tokens: int) -> None:
@@ -583,10 +623,12 @@ def _prepare_one(source: SourceConfig, folder: Path, tokenizer: Any, data: DataC
         shard_samples=data.shard_samples,
         workers=data.prepare_workers,
         on_progress=show,
+        removed=removed,
     )
+    dropped = f" ({len(removed)} duplicates left out)" if len(removed) else ""
     log.info(
-        "%s: %d records -> %d samples, %d target tokens in %d shard(s), %.1f s (%s)",
-        source.name, index["num_records"], index["num_samples"], index["num_target_tokens"],
+        "%s: %d records%s -> %d samples, %d target tokens in %d shard(s), %.1f s (%s)",
+        source.name, index["num_records"], dropped, index["num_samples"], index["num_target_tokens"],
         len(index["shards"]), index["seconds"], folder,
     )  # fmt: skip
     return index
@@ -600,17 +642,26 @@ def prepare_sets(
     refresh: bool,
     progress: Any = None,
     held_out_only: bool = False,
+    dedup_over: DataConfig | None = None,
 ) -> list[tuple[str, Path, str]]:
     """Prepare every set of the config that is not prepared yet; ``refresh`` also re-prepares stale ones
     (``keeltune prepare``), otherwise a stale set is refused with what to do (``keeltune train``).
 
     ``held_out_only`` (``keeltune eval``): the validation and retention sets only; a set already prepared with
     another tokenizer stays untouched and this tokenizer's goes next to it (``<folder>-tokenizer-<id>``).
-    ``progress``: a rich Progress to show records and tokens on. Returns (key, folder, what happened)."""
+    ``progress``: a rich Progress to show records and tokens on. ``dedup_over``: the data whose train sources are
+    deduplicated together (a staged run's, all its stages'), default ``data``. Returns (key, folder, what
+    happened)."""
     done = []
     fingerprint = tokenizer_fingerprint(tokenizer)
     generated = {f"data.train.{i}" for i, s in enumerate(data.train) if s.generate is not None}
+    plan = (
+        None
+        if held_out_only
+        else dedup_plan(dedup_over or data, data.prepared_root(run_dir), announce=refresh)
+    )
     for key, source, folder in data.prepared_sets(run_dir):
+        removed = _removed(plan, key, source, generated)
         if key in generated and not Path(source.path).is_file():
             done.append((key, folder, "drawn from the base model when training starts"))
             continue
@@ -622,7 +673,7 @@ def prepare_sets(
                 folder = folder.with_name(f"{folder.name}-tokenizer-{fingerprint[:12]}")
         try:
             problem = staleness(
-                folder, source, tokenizer, data.seq_len, data.long_documents, data.long_prompts
+                folder, source, tokenizer, data.seq_len, data.long_documents, data.long_prompts, removed
             )
         except DataError as err:  # another tokenizer or format version: only an explicit prepare replaces it
             if not refresh:
@@ -636,6 +687,13 @@ def prepare_sets(
                 f"{key} ({source.name}): the shards in {folder} are stale ({problem}); run keeltune prepare "
                 "CONFIG to prepare them again"
             )
-        _prepare_one(source, folder, tokenizer, data, progress)
+        _prepare_one(source, folder, tokenizer, data, progress, removed)
         done.append((key, folder, "prepared"))
     return done
+
+
+def _removed(plan: DedupPlan | None, key: str, source: SourceConfig, generated: set[str]) -> np.ndarray:
+    """The records deduplication leaves out of a set: only train sources read from files have any."""
+    if plan is None or not key.startswith("data.train.") or key in generated:
+        return np.zeros(0, np.int64)
+    return plan.removed_from(source.name)

@@ -39,6 +39,10 @@ class Backend(Protocol):
         """Clip, apply the optimizer at ``lr``, zero gradients; return the gradient norm before clipping."""
         ...
 
+    def reset_optimizer(self) -> None:
+        """Optimizer state as a new optimizer has it (a new stage of a staged run); the weights stay."""
+        ...
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Forward without gradients (evaluation)."""
         ...

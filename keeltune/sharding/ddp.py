@@ -22,6 +22,7 @@ from keeltune.sharding.model import (
     decay_groups,
     enable_activation_checkpointing,
     load_causal_lm,
+    reset_optimizer_state,
 )
 
 
@@ -77,6 +78,9 @@ class ReplicaBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def reset_optimizer(self) -> None:
+        reset_optimizer_state(self.optimizer)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

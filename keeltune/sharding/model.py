@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from keeltune.run_folder import VOCABULARY_FILE
 
 
 def load_tokenizer(path: str) -> Any:
@@ -41,7 +45,7 @@ def load_causal_lm(
     path: str,
     *,
     dropout: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     quantization: Any | None = None,
     device: torch.device | None = None,
 ) -> Any:
@@ -133,3 +137,40 @@ def add_neftune(model: torch.nn.Module, alpha: float) -> None:
         return output + torch.empty_like(output).uniform_(-1.0, 1.0) * scale
 
     model.get_input_embeddings().register_forward_hook(noisy)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter's optimizer state back to a new optimizer's (moments zero, step 0), in place: the next
+    step is a fresh optimizer's, and tensors DeepSpeed points at stay the same objects."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+
+
+@torch.no_grad()
+def extend_embeddings(model: torch.nn.Module, first_id: int, pieces: list[list[int]]) -> None:
+    """Rows for new token ids ``first_id, first_id + 1, ...`` in the input embeddings and the output layer (one
+    matrix when tied), each the mean of its ``pieces``' rows; the old rows stay as they were. A model with
+    spare rows beyond its tokenizer (a padded vocabulary) uses them before growing."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    needed = first_id + len(pieces)
+    if needed > rows:
+        model.resize_token_embeddings(needed, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    for matrix in matrices:
+        for offset, ids in enumerate(pieces):
+            matrix[first_id + offset] = matrix[ids].float().mean(0).to(matrix.dtype)
+
+
+def new_token_ids(model_path: str) -> list[int]:
+    """The ids a domain vocabulary added to the base at ``model_path`` (the run's extended base); [] for any
+    other model."""
+    file = Path(model_path) / VOCABULARY_FILE
+    return [int(t["id"]) for t in json.loads(file.read_text())["tokens"]] if file.is_file() else []

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from keeltune.config import Config, QLoraConfig
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.ddp import ReplicaBackend
-from keeltune.sharding.model import add_neftune, load_causal_lm
+from keeltune.sharding.model import add_neftune, load_causal_lm, new_token_ids
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is fine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -72,13 +72,29 @@ def build_lora_model(config: Config, device: torch.device) -> Any:
         use_gradient_checkpointing=config.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    model = get_peft_model(base, lora_config(cfg))
+    model = get_peft_model(base, lora_config(cfg, _new_token_rows(base, new_token_ids(config.model.path))))
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(any(part in name for part in TRAINED_PARTS))
     return model
 
 
-def lora_config(cfg: QLoraConfig) -> Any:
+TRAINED_PARTS = ("lora_", "trainable_tokens_delta")  # the adapters, and a domain vocabulary's new rows
+
+
+def _new_token_rows(model: torch.nn.Module, ids: list[int]) -> dict[str, list[int]]:
+    """peft's trainable token rows for a domain vocabulary's ``ids``: in the input embeddings, and in the output
+    layer unless it is tied to them (peft then trains the shared rows once)."""
+    if not ids:
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    rows = {names[id(model.get_input_embeddings())].rsplit(".", 1)[-1]: ids}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        rows[names[id(output)].rsplit(".", 1)[-1]] = ids
+    return rows
+
+
+def lora_config(cfg: QLoraConfig, token_rows: dict[str, list[int]] | None = None) -> Any:
     from peft import LoraConfig
 
     targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
@@ -88,6 +104,7 @@ def lora_config(cfg: QLoraConfig) -> Any:
         lora_dropout=cfg.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows or None,
     )
 
 
@@ -119,10 +136,22 @@ def _linear_weight(layer: torch.nn.Module) -> torch.Tensor:
     return layer.weight.detach().float().clone()
 
 
-def _merged_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """The base's tensors under Hugging Face's names, 4-bit weights dequantized with the LoRA deltas added."""
+def _merged_tensors(
+    module: torch.nn.Module, prefix: str = "", tied: set[int] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's tensors under Hugging Face's names, 4-bit weights dequantized with the LoRA deltas added, and
+    a domain vocabulary's trained rows in their matrices (a matrix tied to one written before: not again)."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import TrainableTokensWrapper
 
+    tied = set() if tied is None else tied
+    if isinstance(module, TrainableTokensWrapper):
+        rows = module.token_adapter
+        weight = rows.get_base_layer().weight
+        if id(weight) not in tied:
+            tied.add(id(weight))
+            yield prefix + "weight", rows.get_merged_weights(rows.active_adapters).detach().float()
+        return
     if isinstance(module, (LoraLayer, bnb.nn.Linear4bit)):
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
         weight = _linear_weight(base)
@@ -138,7 +167,7 @@ def _merged_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
         if name not in module._non_persistent_buffers_set:
             yield prefix + name, buffer
     for name, child in module.named_children():
-        yield from _merged_tensors(child, f"{prefix}{name}.")
+        yield from _merged_tensors(child, f"{prefix}{name}.", tied)
 
 
 def _tied_duplicates(module: torch.nn.Module) -> set[str]:

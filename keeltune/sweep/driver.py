@@ -355,4 +355,6 @@ def _last_step(folder: Path) -> int:
 
 
 def trial_config_steps(folder: Path) -> int:
-    return int(yaml.safe_load((folder / CONFIG_FILE).read_text())["training"]["max_steps"])
+    saved = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    stages = saved.get("stages") or [saved]
+    return sum(int(stage["training"]["max_steps"]) for stage in stages)

@@ -10,6 +10,7 @@ import torch
 
 from keeltune.config import Config
 from keeltune.data_pipeline.contamination import contamination_report, excluded_items
+from keeltune.data_pipeline.low_data import warn_low_data
 from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv
@@ -24,14 +25,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_datasets(
-    config: Config, tokenizer: Any, parallel: ParallelEnv
+    config: Config, tokenizer: Any, parallel: ParallelEnv, *, stage: int = 0
 ) -> tuple[list[PackedDataset], dict[str, PackedDataset]]:
-    """Rank 0 prepares sets not prepared yet (and refuses stale ones), runs the contamination check unless its
-    report is current, and checks shard checksums; every rank then opens the shards (and may read the report).
-    Returns the train sources and the held-out sets (``val``, ``retention/<name>``)."""
-    data = config.data
+    """Rank 0 prepares the stage's sets not prepared yet (and refuses stale ones), warns when the stage's steps
+    imply many epochs over a small train source, runs the contamination check (against every stage's training
+    data) unless its report is current, and checks shard checksums; every rank then opens the shards (and may
+    read the report). Returns the train sources and the held-out sets (``val``,
+    ``retention/<name>``)."""
+    view = config.stage_view(stage)
+    data = view.data
     if parallel.is_main:
-        prepare_sets(data, config.run_dir, tokenizer, refresh=False)
+        prepare_sets(data, config.run_dir, tokenizer, refresh=False, dedup_over=config.whole_run_view().data)
+        warn_low_data(view)
         contamination_report(config)  # written before the barrier: no other rank computes or writes it
     parallel.barrier()
     fingerprint = tokenizer_fingerprint(tokenizer)

@@ -272,8 +272,12 @@ def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
         f"# Run report: {config.run.name}",
         "",
         f"- backend: {config.sharding.backend}",
-        f"- steps: {steps} of {config.training.max_steps}",
+        f"- steps: {steps} of {config.total_steps}",
     ]
+    if config.stages:
+        lines.append(
+            "- stages: " + ", ".join(f"{s.name} ({s.training.max_steps} steps)" for s in config.stages)
+        )
     speeds = series(records, "train/tokens_per_s")[1]
     if speeds:
         lines.append(f"- throughput: {sum(speeds) / len(speeds):,.0f} tokens/s (mean over logged steps)")

@@ -75,7 +75,11 @@ def _model(path: Path, run_config_dir: Path, against: str) -> ReviewModel:
                     f"{path}: no final model ({FINAL_MODEL_DIR}/) and no usable checkpoint ({err}); train it "
                     "first (keeltune train / launch) or name another run"
                 ) from None
-        tokenizer = str(final) if has_final else load_config(path / CONFIG_FILE).model.tokenizer_path
+        tokenizer = (
+            str(final)
+            if has_final
+            else load_config(path / CONFIG_FILE).with_extended_base().model.tokenizer_path
+        )
         return ReviewModel(path.name, path, tokenizer)
     if (path / "config.json").is_file():
         return ReviewModel(path.name, path, str(path))
@@ -107,7 +111,7 @@ def load_prompts(
     """``prompts``: a task of the run's ``eval.tasks`` (its format and generation settings), a JSONL file (in
     ``fmt``, default the validation set's format), or None: the first generate task, else ``data.validation``.
     ``n`` of them are drawn with ``seed`` (all when there are fewer), kept in file order."""
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_config(run_dir / CONFIG_FILE).stage_view(-1)  # a staged run: its last stage's data
     tasks = {task.name: task for task in config.eval.tasks}
     held_out = config.data.validation
     generation = TaskGenerationConfig(max_new_tokens=max_new_tokens or 128, stop=[])

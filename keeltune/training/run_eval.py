@@ -60,7 +60,7 @@ def resolve_target(path: Path, *, step: int | None = None, config_file: Path | N
             raise ConfigError(
                 f"--config: {path} is a run folder, evaluated on the sets of its own {CONFIG_FILE}"
             )
-        config = load_config(path / CONFIG_FILE)
+        config = load_config(path / CONFIG_FILE).with_extended_base()
         checkpoint, notes = checkpoint_to_read(
             path, step, checksums=config.training.checkpoint.verify == "checksum"
         )
@@ -77,7 +77,7 @@ def resolve_target(path: Path, *, step: int | None = None, config_file: Path | N
         raise ConfigError(
             f"{path} is a model folder: give --config CONFIG, whose data sets it is evaluated on"
         )
-    config = load_config(config_file)
+    config = load_config(config_file).with_extended_base()
     return EvalTarget(config, None, None, path, _baseline(config.run_dir))
 
 
@@ -89,8 +89,9 @@ def _baseline(run_dir: Path) -> dict[str, float]:
 def held_out_folders(config: Config, tokenizer: Any) -> dict[str, Path]:
     """The prepared folders of the trainer's held-out sets (``val``, ``retention/<name>``), prepared first when
     they are not (next to, never over, sets prepared with another tokenizer)."""
-    prepared = prepare_sets(config.data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
-    names = held_out_names(config.data)
+    data = config.stage_view(-1).data  # a staged run's held-out sets are its last stage's
+    prepared = prepare_sets(data, config.run_dir, tokenizer, refresh=False, held_out_only=True)
+    names = held_out_names(data)
     return {names[key]: folder for key, folder, _ in prepared}
 
 
@@ -310,13 +311,13 @@ def _evaluate_on_ranks(
 def _evaluate_job(job: dict[str, Any], parallel: ParallelEnv) -> dict[str, Any]:
     if job.get("bias"):
         models = {side: tuple(pair) for side, pair in job["models"].items()}
-        return _bias_lls(models, load_config(job["config"]), parallel)
+        return _bias_lls(models, load_config(job["config"]).with_extended_base(), parallel)
     folders = {name: Path(folder) for name, folder in job["folders"].items()}
     return evaluate_folder(
         Path(job["model_dir"]),
         job["tokenizer"],
         folders,
-        load_config(job["config"]),
+        load_config(job["config"]).with_extended_base(),
         job["max_samples"],
         parallel,
     )

@@ -48,12 +48,14 @@ from keeltune.training.metrics import MetricsLogger, truncate_metrics
 from keeltune.training.progress import StepProgress
 from keeltune.training.regularizers import (
     LossTerm,
+    Regularizer,
     RegularizerContext,
     build_regularizers,
     needs_reference,
 )
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
+from keeltune.training.vocabulary import base_vocab_size, ensure_extended_base
 
 log = logging.getLogger("keeltune")
 
@@ -78,46 +80,102 @@ class Trainer:
     """Builds the pieces from the config, then runs ``fit``."""
 
     def __init__(self, config: Config, parallel: ParallelEnv) -> None:
-        self.config = config
+        if parallel.is_main:
+            ensure_extended_base(config)  # model.extend_vocabulary: the base with the domain tokens
+        parallel.barrier()
+        as_written, config = config, config.with_extended_base()
+        self.whole_config = config
+        self.views = config.stage_views()  # one per stage (the config itself without stages)
+        self.config = self.views[0]  # the current stage's
         self.parallel = parallel
         self.run_dir = config.run_dir
         self.accumulation = config.training.gradient_accumulation(parallel.world_size)
         seed_everything(config.training.seed)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
-        self.backend: Backend = build_backend(config, parallel, keep_reference=needs_reference(config))
-        draw_base_samples(config, self.backend, self.tokenizer, parallel)  # before the first step and resume
-        self.train_sources, self.eval_sets = build_datasets(config, self.tokenizer, parallel)
+        keep_reference = any(needs_reference(view) for view in self.views)
+        self.backend: Backend = build_backend(self.views[0], parallel, keep_reference=keep_reference)
+        for view in self.views:  # before the first step and resume: samples of the base model
+            draw_base_samples(view, self.backend, self.tokenizer, parallel)
+        # every stage's data prepared and opened now: bad data fails the job before its first step
+        self.stage_data = [
+            build_datasets(config, self.tokenizer, parallel, stage=i) for i in range(len(self.views))
+        ]
         self.tasks = build_tasks(config, self.tokenizer)
         self.probes = load_probe_sets(config.eval.bias)  # every probe file read and checked before training
-        self.stream = TrainStream(
-            self.train_sources,
-            global_batch=config.training.global_batch_size,
-            rank=parallel.rank,
-            world_size=parallel.world_size,
-            seed=config.training.seed,
-            mixing=mixing_counts(config.data.train),
-        )
-        self.loader = StepLoader(
-            self.stream, micro_batch=config.training.micro_batch_size, workers=config.data.loader_workers
-        )
-        context = RegularizerContext(
-            config, self.backend, parallel, self.run_dir, self.eval_sets, tokenizer=self.tokenizer
-        )
-        self.regularizers = build_regularizers(context)  # before the resume: they take the pretrained weights
+        # each stage's regularizers, all built before any step or resume: they anchor at the original base
+        self.stage_regularizers: list[list[Regularizer]] = []
+        pretrained = None
+        for view, (_, eval_sets) in zip(self.views, self.stage_data, strict=True):
+            context = RegularizerContext(
+                view, self.backend, parallel, self.run_dir, eval_sets, tokenizer=self.tokenizer,
+                base_vocab_size=base_vocab_size(config), _pretrained=pretrained,
+            )  # fmt: skip
+            self.stage_regularizers.append(build_regularizers(context))
+            pretrained = context._pretrained
         self.step = 0
         self.baseline: dict[str, float] = {}
         self.bias_baseline: dict[str, dict[str, list]] = {}  # probe -> the base's items ("where") and lls
-        self.policy = HeldOutPolicy(config.regularization, config.eval.bias.probes)
+        self.loader: StepLoader | None = None
+        self._enter_stage(0, start=0)
+        self.stage_ended = ""  # why the current stage ended before its max_steps (checkpointed with it)
         self._resume()
-        for regularizer in self.regularizers:
+        for regularizer in (r for stage in self.stage_regularizers for r in stage):
             regularizer.start(resumed=self.step > 0)
         self.metrics = MetricsLogger(
-            self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=config.to_dict()
+            self.run_dir, config.logging.wandb, enabled=parallel.is_main, run_config=as_written.to_dict()
         )
-        self.progress = StepProgress(
-            total=config.training.max_steps, start=self.step, enabled=parallel.is_main
-        )
+        self.progress = StepProgress(total=config.total_steps, start=self.step, enabled=parallel.is_main)
         self._tokens_done, self._train_seconds = 0, 0.0
+
+    def _enter_stage(self, index: int, *, start: int) -> None:
+        """Make stage ``index`` (starting after step ``start``) the current one: its data stream from the first
+        sample, its regularizers and a new held-out policy (early stopping counts within the stage)."""
+        self.stage, self.stage_start = index, start
+        self.config = self.views[index]
+        self.train_sources, self.eval_sets = self.stage_data[index]
+        self.regularizers = self.stage_regularizers[index]
+        self.policy = HeldOutPolicy(self.config.regularization, self.config.eval.bias.probes)
+        self.stream = TrainStream(
+            self.train_sources,
+            global_batch=self.config.training.global_batch_size,
+            rank=self.parallel.rank,
+            world_size=self.parallel.world_size,
+            seed=self.config.training.seed,
+            mixing=mixing_counts(self.config.data.train),
+        )
+        if self.loader is not None:
+            self.loader.close()
+        self.loader = StepLoader(
+            self.stream,
+            micro_batch=self.config.training.micro_batch_size,
+            workers=self.config.data.loader_workers,
+        )
+
+    @property
+    def stage_end(self) -> int:
+        """The step after which the current stage is over (unless it ends early)."""
+        return self.stage_start + self.config.training.max_steps
+
+    @property
+    def stage_name(self) -> str:
+        return self.whole_config.stages[self.stage].name if self.whole_config.stages else ""
+
+    def _next_stage(self) -> None:
+        """From the end of one stage to the start of the next (also on a resume from the last checkpoint of the
+        one before): a new schedule, data and policy, and a fresh optimizer state unless the stage keeps it."""
+        previous = self.stage_name
+        self._enter_stage(self.stage + 1, start=self.step)
+        self.stage_ended = ""
+        if self.whole_config.stages[self.stage].reset_optimizer:
+            self.backend.reset_optimizer()
+        log.info(
+            "stage %s ended at step %d; stage %s starts (%d steps%s)",
+            previous,
+            self.step,
+            self.stage_name,
+            self.config.training.max_steps,
+            ", fresh optimizer state" if self.whole_config.stages[self.stage].reset_optimizer else "",
+        )
 
     def _resume(self) -> None:
         checksums = self.config.training.checkpoint.verify == "checksum"
@@ -130,6 +188,9 @@ class Trainer:
                 f"{checkpoint}: written with another tokenizer than {self.config.model.tokenizer_path}"
             )
         self.step = state["step"]
+        if state.get("stage", 0) != self.stage:
+            self._enter_stage(state["stage"], start=state["stage_start"])
+        self.stage_ended = state.get("stage_ended", "")
         self.stream.load_state_dict(state["data"])
         self.policy.load_state_dict(state)
         baseline_file = self.run_dir / BASELINE_FILE
@@ -335,6 +396,9 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "stage": self.stage,
+            "stage_start": self.stage_start,
+            "stage_ended": self.stage_ended,
             **self.policy.state_dict(),
             "data": self.stream.state_dict(),
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
@@ -375,12 +439,14 @@ class Trainer:
         return bool(self.parallel.all_reduce_sum(flag).item() > 0)
 
     def fit(self, stop: StopRequest | None = None) -> TrainSummary:
-        """Train to ``max_steps``, evaluating and checkpointing on the way; export the final model.
+        """Train every stage to its ``max_steps``, evaluating and checkpointing on the way; export the final model.
 
-        When ``stop`` is set on any rank, all ranks checkpoint at the next step boundary and return early
-        (``summary.stopped`` says why); the next run resumes from that checkpoint."""
-        cfg = self.config.training
-        summary = TrainSummary(run_dir=self.run_dir, steps=cfg.max_steps, wandb=self.metrics.wandb_location)
+        An early stop (early stopping, a guard) ends the current stage, and the run when it is the last; a sweep's
+        pruning ends the run. When ``stop`` is set on any rank, all ranks checkpoint at the next step boundary and
+        return early (``summary.stopped`` says why); the next run resumes from that checkpoint."""
+        summary = TrainSummary(
+            run_dir=self.run_dir, steps=self.whole_config.total_steps, wandb=self.metrics.wandb_location
+        )
         at_start = self.config.eval.at_start and (self.eval_sets or self.tasks)
         if self.step == 0 and (at_start or self.probes):  # the probes' base scores are taken at step 0
             summary.first_eval = self.run_evals(sets=at_start, tasks=None if at_start else [])
@@ -388,36 +454,29 @@ class Trainer:
             self._watch(summary.first_eval)
         elif self.baseline:
             summary.first_eval = dict(self.baseline)
-        if self.policy.exhausted:  # resumed after an early stop: nothing left to train
-            summary.ended_early, summary.steps = self.policy.reason(), self.step
-            log.warning("nothing to train, the run ended at step %d: %s", self.step, summary.ended_early)
+        if self.policy.exhausted and not self.stage_ended:  # checkpointed before stage_ended was kept
+            self.stage_ended = self.policy.reason()
+        if self.stage_ended:  # resumed from the checkpoint an early stop wrote
+            log.warning(
+                "nothing to train in this stage, it ended at step %d: %s", self.step, self.stage_ended
+            )
         self.backend.train(True)
         try:
-            while self.step < cfg.max_steps and not summary.ended_early:
-                self.train_one_step()
-                last = self.step == cfg.max_steps
-                sets, tasks, bias = self._evals_due(last)
-                if sets or tasks or bias:
-                    summary.last_eval = self.run_evals(sets=sets, tasks=tasks, bias=bias)
-                    self.metrics.log(self.step, summary.last_eval)
-                    summary.ended_early = self._watch(summary.last_eval) or self._pruned()
-                checkpointed = (
-                    self.step % cfg.checkpoint.every_steps == 0 or last or bool(summary.ended_early)
-                )
-                if checkpointed:
-                    self._checkpoint()
-                if summary.ended_early:
-                    log.warning("ended at step %d after checkpointing: %s", self.step, summary.ended_early)
-                    summary.steps = self.step
+            while True:
+                if self.step < self.stage_end and not self.stage_ended:
+                    outcome = self._train_stage(summary, stop)
+                    if outcome == "stopped":
+                        return summary
+                    if outcome == "pruned":
+                        break
+                if self.stage == len(self.views) - 1:
+                    summary.ended_early = self.stage_ended
                     break
-                if not last and self._stop_agreed(stop):
-                    if not checkpointed:
-                        self._checkpoint()
-                    summary.stopped = stop.reason or "stop requested on another rank"
-                    log.warning("stopped at step %d after checkpointing (%s)", self.step, summary.stopped)
-                    return summary
+                self._next_stage()
         finally:
             self.progress.close()
+        if summary.ended_early:
+            summary.steps = self.step
         summary.tokens_per_s = self._tokens_done / self._train_seconds if self._train_seconds else 0.0
         summary.final_model = self.export(self.run_dir / FINAL_MODEL_DIR)
         if self.policy.best_model.step is not None:
@@ -427,12 +486,46 @@ class Trainer:
             )
         return summary
 
+    def _train_stage(self, summary: TrainSummary, stop: StopRequest | None) -> str:
+        """The current stage's steps: "stopped" (checkpointed on request), "pruned" (checkpointed: the run
+        ends), or "" when the stage is over (at its max_steps, or early: ``stage_ended`` says why)."""
+        cfg = self.config.training
+        while self.step < self.stage_end:
+            self.train_one_step()
+            last = self.step == self.stage_end
+            pruned = ""
+            sets, tasks, bias = self._evals_due(last)
+            if sets or tasks or bias:
+                summary.last_eval = self.run_evals(sets=sets, tasks=tasks, bias=bias)
+                self.metrics.log(self.step, summary.last_eval)
+                self.stage_ended = self._watch(summary.last_eval)
+                pruned = "" if self.stage_ended else self._pruned()
+            ended = bool(self.stage_ended or pruned)
+            checkpointed = self.step % cfg.checkpoint.every_steps == 0 or last or ended
+            if checkpointed:
+                self._checkpoint()
+            if pruned:
+                log.warning("ended at step %d after checkpointing: %s", self.step, pruned)
+                summary.ended_early, summary.steps = pruned, self.step
+                return "pruned"
+            if self.stage_ended:
+                what = f"stage {self.stage_name} ended" if self.stage_name else "ended"
+                log.warning("%s at step %d after checkpointing: %s", what, self.step, self.stage_ended)
+                return ""
+            if not (last and self.stage == len(self.views) - 1) and self._stop_agreed(stop):
+                if not checkpointed:
+                    self._checkpoint()
+                summary.stopped = (stop.reason if stop else "") or "stop requested on another rank"
+                log.warning("stopped at step %d after checkpointing (%s)", self.step, summary.stopped)
+                return "stopped"
+        return ""
+
     def train_one_step(self) -> None:
-        """One optimizer step with its logging and progress (the body of ``fit``'s loop)."""
+        """One optimizer step with its logging and progress (the body of a stage's loop)."""
         cfg = self.config.training
         started = time.perf_counter()
         lr = lr_at(
-            self.step,
+            self.step - self.stage_start,
             lr=cfg.lr,
             warmup_steps=cfg.warmup_steps,
             max_steps=cfg.max_steps,
@@ -445,7 +538,8 @@ class Trainer:
         self._tokens_done += tokens
         self._train_seconds += elapsed
         self.progress.update(self.step, loss=values["train/loss"], tokens_per_s=tokens / elapsed)
-        if self.step % self.config.logging.every_steps == 0 or self.step == cfg.max_steps:
+        if self.step % self.config.logging.every_steps == 0 or self.step == self.stage_end:
+            stage = {"train/stage": float(self.stage)} if self.whole_config.stages else {}
             self.metrics.log(
                 self.step,
                 {
@@ -454,6 +548,7 @@ class Trainer:
                     "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens / elapsed,
                     "train/epoch": self.stream.epoch,
+                    **stage,
                     **{f"data/{name}/fraction": f for name, f in self.stream.fractions().items()},
                 },
             )
@@ -471,5 +566,6 @@ class Trainer:
         return folder
 
     def close(self) -> None:
-        self.loader.close()
+        if self.loader is not None:
+            self.loader.close()
         self.metrics.close()

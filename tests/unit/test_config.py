@@ -261,6 +261,17 @@ def test_resume_differences_ignore_mutable_keys(tmp_path: Path) -> None:
     ]
 
 
+def test_a_key_the_saved_config_lacks_is_unchanged_while_it_holds_its_default(tmp_path: Path) -> None:
+    old = load_config(write(tmp_path, MINIMAL)).to_dict()
+    del old["data"]["dedup"]  # a run saved by a keeltune without deduplication
+    old["data"]["train"][0].pop("on_error")
+    assert resume_differences(old, load_config(write(tmp_path, MINIMAL)).to_dict()) == []
+    changed = load_config(
+        write(tmp_path, MINIMAL), ["data.dedup.threshold=0.9", "data.dedup.max_index_docs=10"]
+    )
+    assert resume_differences(old, changed.to_dict()) == ["  data.dedup.threshold: '<absent>' -> 0.9"]
+
+
 def test_qlora_with_zero3_and_misplaced_sections_are_refused(tmp_path: Path) -> None:
     both = MINIMAL + "sharding:\n  backend: qlora\n  zero3:\n    offload_optimizer: cpu\n"
     with pytest.raises(

@@ -23,6 +23,7 @@ from keeltune.sharding.model import (
     autocast_dtype,
     decay_groups,
     enable_activation_checkpointing,
+    reset_optimizer_state,
 )
 from keeltune.sharding.zero3.export import BUFFERS_FILE, LAYOUT_FILE, consolidate, partition_file
 from keeltune.sharding.zero3.loading import large_allocations_returned, load_partitioned_model
@@ -96,6 +97,11 @@ class Zero3Backend:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def reset_optimizer(self) -> None:
+        reset_optimizer_state(
+            self.optimizer.optimizer
+        )  # the torch optimizer over this rank's fp32 partitions
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

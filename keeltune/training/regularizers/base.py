@@ -29,6 +29,9 @@ class RegularizerContext:
     run_dir: Path
     held_out: dict[str, PackedDataset]
     tokenizer: Any = None
+    base_vocab_size: int | None = (
+        None  # with a domain vocabulary: the rows that compare with the original base
+    )
     _pretrained: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def pretrained(self) -> dict[str, torch.Tensor]:

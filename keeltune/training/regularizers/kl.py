@@ -20,13 +20,19 @@ def token_kl(
 
 
 class KLToBase(Regularizer):
+    """With a domain vocabulary the reference is the extended base, and both distributions are taken over the
+    base vocabulary's rows (renormalised there): the new tokens have no distribution of the original base."""
+
     name = "kl"
 
     def __init__(self, context: RegularizerContext) -> None:
         self.backend = context.backend
         self.weight = context.config.regularization.kl.weight
         self.temperature = context.config.regularization.kl.temperature
+        self.rows = context.base_vocab_size  # with a domain vocabulary: compared on the base vocabulary only
 
     def loss_term(self, input_ids: torch.Tensor) -> LossTerm:
-        reference = self.backend.reference_logits(input_ids)
-        return lambda logits, mask: self.weight * token_kl(logits, reference, mask, self.temperature)
+        reference = self.backend.reference_logits(input_ids)[..., : self.rows]
+        return lambda logits, mask: (
+            self.weight * token_kl(logits[..., : self.rows], reference, mask, self.temperature)
+        )
