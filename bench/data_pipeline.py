@@ -43,13 +43,15 @@ def write_synthetic(
     for number, start in enumerate(range(0, samples, shard_samples)):
         rows = min(shard_samples, samples - start)
         path = folder / shard_name(number)
-        size = rows * (seq_len + 1) * 3  # uint16 tokens + uint8 mask
+        size = rows * (seq_len + 1) * 3 + rows * 4  # uint16 tokens + uint8 mask + uint32 target bytes
         if sparse:
             with open(path, "wb") as handle:
                 handle.truncate(size)
         else:
             tokens = rng.integers(0, 32000, (rows, seq_len + 1), dtype=np.uint16)
-            path.write_bytes(tokens.tobytes() + np.ones((rows, seq_len + 1), np.uint8).tobytes())
+            mask = np.ones((rows, seq_len + 1), np.uint8)
+            target_bytes = np.full(rows, 4 * seq_len, np.uint32)  # about 4 bytes a token
+            path.write_bytes(tokens.tobytes() + mask.tobytes() + target_bytes.tobytes())
         shards.append({"file": path.name, "samples": rows, "bytes": size, "sha256": ""})
     index = {
         "format_version": FORMAT_VERSION,

@@ -600,7 +600,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from keeltune.config import ConfigError
-    from keeltune.eval.names import CHANGE, FORGETTING, LOSS, PPL, STDERR, TASK, metric
+    from keeltune.eval.names import BPB, CHANGE, FORGETTING, FORGETTING_BPB, LOSS, PPL, STDERR, TASK, metric
     from keeltune.training.run_eval import evaluate_target, lm_eval_target, resolve_target, select_tasks
 
     target = resolve_target(args.target, step=args.checkpoint, config_file=args.config)
@@ -631,15 +631,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     if held_out:
         table = Table(title=f"keeltune eval: {target.label}")
-        for column in ("set", "loss", "perplexity", "forgetting vs baseline"):
-            table.add_column(column, justify="left" if column == "set" else "right")
+        table.add_column("set", min_width=max(map(len, held_out)))
+        for column in ("loss", "perplexity", "bits/byte", "forgetting vs baseline: ppl / bits per byte"):
+            table.add_column(column, justify="right")
         for name in held_out:
-            forgetting = results.get(metric(name, FORGETTING))
+            rises = [results.get(metric(name, stat)) for stat in (FORGETTING, FORGETTING_BPB)]
             table.add_row(
                 name,
                 f"{results[metric(name, LOSS)]:.4f}",
                 f"{results[metric(name, PPL)]:.3f}",
-                "" if forgetting is None else f"{forgetting:+.2f}%",
+                f"{results[metric(name, BPB)]:.4f}",
+                " / ".join("–" if rise is None else f"{rise:+.2f}%" for rise in rises)
+                if rises != [None, None]
+                else "",
             )
         console.print(table)
     scores = [k for k in results if k.startswith(TASK + "/") and not k.endswith((STDERR, CHANGE))]

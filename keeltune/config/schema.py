@@ -673,14 +673,21 @@ def check_regularization(config: Config) -> None:
     _check_watched_metrics(config)
 
 
+HELD_OUT_STATS = ("loss", "ppl", "bpb")  # what each held-out set reports: keeltune.eval.names' LOSS, PPL, BPB
+FORGETTING_STATS = (
+    "forgetting_pct",
+    "forgetting_bpb_pct",
+)  # a retention set's rise over step 0: of ppl, of bpb
+
+
 def available_metrics(config: Config) -> dict[str, str]:
     """Every metric name an eval of this config reports that early stopping and guards may watch, with what
     makes it (for error messages)."""
     found: dict[str, str] = {}
     if config.data.validation is not None:
-        found.update(dict.fromkeys(("val/loss", "val/ppl"), "data.validation"))
+        found.update(dict.fromkeys((f"val/{stat}" for stat in HELD_OUT_STATS), "data.validation"))
     for i, source in enumerate(config.data.retention):
-        for stat in ("loss", "ppl"):
+        for stat in HELD_OUT_STATS:
             found[f"retention/{source.name}/{stat}"] = f"data.retention.{i}"
     for i, task in enumerate(config.eval.tasks):
         for name in task.metric_names:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from keeltune.config.errors import ConfigError
-from keeltune.config.schema import Config, available_metrics, timeout_minutes
+from keeltune.config.schema import FORGETTING_STATS, Config, available_metrics, timeout_minutes
 
 PARAM_TYPES = ("float", "int", "categorical")
 SAMPLERS = ("grid", "random", "tpe", "nsga2", "gp")
@@ -311,7 +311,7 @@ def logged_metrics(config: Config) -> list[str]:
     ``bias/<probe>/`` prefix, since their axes come from the probe files)."""
     names = [*TRAIN_METRICS, *available_metrics(config)]
     if config.eval.at_start:
-        names += [f"retention/{s.name}/forgetting_pct" for s in config.data.retention]
+        names += [f"retention/{s.name}/{f}" for s in config.data.retention for f in FORGETTING_STATS]
     for task in config.eval.tasks:
         for metric in task.metric_names:
             names.append(f"task/{task.name}/{metric}_stderr")

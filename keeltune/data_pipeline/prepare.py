@@ -5,9 +5,11 @@ tokens that overlap by one token, so every token is a target exactly once. Atten
 boundaries inside a sample (as in most pretraining setups, and what every attention kernel supports): EOS
 separates the documents and the model learns to ignore what precedes it.
 
-A prepared folder holds ``shard-NNNNN.bin`` files (token ids ``[n, seq_len + 1]`` followed by the loss mask of
-the same shape, uint8) and ``index.json`` (format version, tokenizer fingerprint, counts, and per shard its
-sample count, byte size and sha256). The folder is built under a temporary name, each shard written to a
+A prepared folder holds ``shard-NNNNN.bin`` files (token ids ``[n, seq_len + 1]``, then the loss mask of the
+same shape, uint8, then each sample's target bytes ``[n]``, uint32: the UTF-8 bytes of text its target tokens
+(tokens ``1..seq_len`` whose mask is 1) stand for, which evaluation divides by for bits per byte) and
+``index.json`` (format version, tokenizer fingerprint, counts (``num_target_bytes`` among them), and per shard its
+sample count, byte size and sha256). Version 3 added the target bytes; older folders are refused. The folder is built under a temporary name, each shard written to a
 temporary file, fsynced and renamed, the index last, then the folder is renamed into place: a crash or a full
 disk leaves nothing that looks complete.
 """
@@ -38,8 +40,10 @@ from keeltune.data_pipeline.counterfactual import Augmenter, summary
 from keeltune.data_pipeline.dedup import DedupPlan, dedup_plan, removed_digest
 from keeltune.data_pipeline.formats import Document, encode_record, own_chat_template
 from keeltune.data_pipeline.sources import DataError, decode_payload, read_records, resolve_files
+from keeltune.data_pipeline.token_bytes import token_byte_lengths
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+FORMAT_CHANGE = "version 3 stores the target bytes that evaluation in bits per byte needs"
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
 CHUNK_RECORDS = 256
@@ -242,18 +246,27 @@ def _encoded(
 
 
 class ShardWriter:
-    """Packs documents into samples of ``seq_len + 1`` tokens and writes a shard every ``shard_samples``."""
+    """Packs documents into samples of ``seq_len + 1`` tokens and writes a shard every ``shard_samples``;
+    ``token_bytes[id]`` is the UTF-8 bytes token ``id`` stands for (``token_byte_lengths``)."""
 
     def __init__(
-        self, folder: Path, *, seq_len: int, shard_samples: int, dtype: np.dtype, pad_id: int
+        self,
+        folder: Path,
+        *,
+        seq_len: int,
+        shard_samples: int,
+        dtype: np.dtype,
+        pad_id: int,
+        token_bytes: np.ndarray,
     ) -> None:
         self.folder, self.seq_len, self.shard_samples = folder, seq_len, shard_samples
-        self.dtype, self.pad_id = dtype, pad_id
+        self.dtype, self.pad_id, self.token_bytes = dtype, pad_id, np.asarray(token_bytes, dtype=np.uint32)
         self.ids: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
         self.pending = 0
         self.shards: list[dict[str, Any]] = []
         self.target_tokens = 0
+        self.target_bytes = 0
         self.targetless_samples = 0  # samples without a single target token (prompt only)
         self.writing = REJECTS_FILE  # what is being written, for the message when the disk fills up
 
@@ -284,18 +297,30 @@ class ShardWriter:
 
     def _write(self, tokens: np.ndarray, mask: np.ndarray) -> None:
         name = self.writing = shard_name(len(self.shards))
+        target_bytes = sample_target_bytes(tokens, mask, self.token_bytes)
         digest = hashlib.sha256()
         with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
-            for array in (tokens, mask):
+            for array in (tokens, mask, target_bytes):
                 data = memoryview(array).cast("B")
                 digest.update(data)
                 handle.write(data)
         self.target_tokens += int(mask[:, 1:].sum())
+        self.target_bytes += int(target_bytes.sum())
         self.targetless_samples += int((mask[:, 1:].sum(axis=1) == 0).sum())
         self.shards.append(
-            {"file": name, "samples": int(tokens.shape[0]), "bytes": tokens.nbytes + mask.nbytes,
-             "sha256": digest.hexdigest()}
+            {"file": name, "samples": int(tokens.shape[0]),
+             "bytes": tokens.nbytes + mask.nbytes + target_bytes.nbytes, "sha256": digest.hexdigest()}
         )  # fmt: skip
+
+
+def sample_target_bytes(tokens: np.ndarray, mask: np.ndarray, token_bytes: np.ndarray) -> np.ndarray:
+    """Per sample, the UTF-8 bytes of its target tokens (``1..seq_len`` whose mask is 1), uint32; in blocks of
+    rows, so a large shard needs no gathered copy of itself."""
+    out = np.empty(len(tokens), dtype=np.uint32)
+    for start in range(0, len(tokens), 1024):
+        rows = slice(start, start + 1024)
+        out[rows] = (token_bytes[tokens[rows, 1:]] * mask[rows, 1:]).sum(axis=1)
+    return out
 
 
 def shorten_prompt(document: Document, seq_len: int, bos_id: int | None) -> Document | None:
@@ -412,7 +437,10 @@ def prepare_source(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a shared prepared_dir must stay readable
-    writer = ShardWriter(tmp, seq_len=seq_len, shard_samples=shard_samples, dtype=dtype, pad_id=pad_id)
+    writer = ShardWriter(
+        tmp, seq_len=seq_len, shard_samples=shard_samples, dtype=dtype, pad_id=pad_id,
+        token_bytes=token_byte_lengths(tokenizer),
+    )  # fmt: skip
     try:
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as rejects:
             counts = _pack_records(
@@ -455,6 +483,7 @@ def prepare_source(
             **{f"num_{key}": value for key, value in counts.items()},
             "num_samples": sum(s["samples"] for s in writer.shards),
             "num_target_tokens": writer.target_tokens,
+            "num_target_bytes": writer.target_bytes,
             "num_targetless_samples": writer.targetless_samples,
             "shards": writer.shards,
             "seconds": round(time.perf_counter() - started, 3),
@@ -526,10 +555,12 @@ def read_index(folder: Path) -> dict[str, Any] | None:
 
 def check_index(folder: Path, index: dict[str, Any], fingerprint: str | None) -> None:
     """Refuse unknown format versions and shards made with another tokenizer, saying what to do."""
-    if index.get("format_version") != FORMAT_VERSION:
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        older = isinstance(version, int) and version < FORMAT_VERSION
         raise DataError(
-            f"{folder}: prepared with format version {index.get('format_version')}, this keeltune reads "
-            f"version {FORMAT_VERSION}; run keeltune prepare again (it replaces the folder)"
+            f"{folder}: prepared with format version {version}, this keeltune reads version {FORMAT_VERSION}"
+            f"{f' ({FORMAT_CHANGE})' if older else ''}; run keeltune prepare CONFIG again (it replaces the folder)"
         )
     if fingerprint is not None and index.get("tokenizer_fingerprint") != fingerprint:
         raise DataError(

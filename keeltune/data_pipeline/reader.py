@@ -29,7 +29,8 @@ POSITION_BLOCK = 4096  # positions whose samples are computed in one vectorised 
 
 
 class PackedDataset:
-    """One prepared folder; sample ``i`` is (ids, loss_mask), read lazily through memory maps of its shards."""
+    """One prepared folder; sample ``i`` is (ids, loss_mask), read lazily through memory maps of its shards,
+    and its target bytes (``target_bytes``, for evaluation in bits per byte: training never reads them)."""
 
     def __init__(
         self, folder: Path, *, fingerprint: str | None = None, verify_checksums: str = "never"
@@ -68,19 +69,27 @@ class PackedDataset:
         if verify_checksums != "never":
             _write_verified(self.folder, verified)
         self.offsets = np.cumsum([0] + [s["samples"] for s in index["shards"]])
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def num_target_bytes(self) -> int:
+        """UTF-8 bytes of text behind all the set's target tokens."""
+        return int(self.index["num_target_bytes"])
+
+    def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, loss mask, target bytes) of a shard, memory-mapped: nothing is read until indexed."""
         if number not in self._maps:
             shard = self.index["shards"][number]
             data = np.memmap(self.folder / shard["file"], dtype=np.uint8, mode="r").view(np.ndarray)
             rows = shard["samples"]
             split = rows * self.width * self.dtype.itemsize
             tokens = data[:split].view(self.dtype).reshape(rows, self.width)
-            self._maps[number] = (tokens, data[split:].reshape(rows, self.width))
+            mask = data[split : split + rows * self.width].reshape(rows, self.width)
+            target_bytes = data[split + rows * self.width :].view(np.uint32)
+            self._maps[number] = (tokens, mask, target_bytes)
         return self._maps[number]
 
     def get(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,9 +102,20 @@ class PackedDataset:
         # faster when (as with many shards) every sample comes from another one
         locals_ = (sample_ids - self.offsets[shards]).tolist()
         for row, (number, local) in enumerate(zip(shards.tolist(), locals_, strict=True)):
-            tokens, losses = self._shard(number)
+            tokens, losses, _ = self._shard(number)
             ids[row], mask[row] = tokens[local], losses[local]
         return ids, mask
+
+    def target_bytes(self, sample_ids: np.ndarray) -> np.ndarray:
+        """The target bytes of the given samples (int64 ``[n]``): the UTF-8 bytes of text their target tokens
+        stand for."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        shards = np.searchsorted(self.offsets, sample_ids, side="right") - 1
+        out = np.empty(len(sample_ids), dtype=np.int64)
+        for number in np.unique(shards).tolist():
+            rows = np.flatnonzero(shards == number)
+            out[rows] = self._shard(number)[2][sample_ids[rows] - self.offsets[number]]
+        return out
 
 
 VERIFIED_FILE = (

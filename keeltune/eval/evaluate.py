@@ -1,5 +1,10 @@
-"""Exact held-out loss and perplexity, split over ranks in whole micro-batches: the same numbers on any number of
-ranks. One function serves the trainer and ``keeltune eval``: it is handed a way to get logits, never a backend."""
+"""Exact held-out loss, perplexity and bits per byte, split over ranks in whole micro-batches: the same numbers on
+any number of ranks. One function serves the trainer and ``keeltune eval``: it is handed a way to get logits,
+never a backend.
+
+Bits per byte is the set's summed NLL of its target tokens, in bits, over the UTF-8 bytes of text those tokens
+stand for. Unlike loss per token it does not depend on how the text is cut into tokens, so it compares models
+with different vocabularies (a base and its fine-tune with a domain vocabulary)."""
 
 from __future__ import annotations
 
@@ -13,17 +18,29 @@ import torch.nn.functional as F
 
 from keeltune.data_pipeline.reader import PackedDataset
 from keeltune.distributed import ParallelEnv
-from keeltune.eval.names import FORGETTING, LOSS, PPL, metric, retention_metrics, retention_set
+from keeltune.eval.names import (
+    BPB,
+    FORGETTING,
+    FORGETTING_BPB,
+    LOSS,
+    PPL,
+    metric,
+    retention_metrics,
+    retention_set,
+)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean NLL per target token over the whole set, and its perplexity."""
+    """Mean NLL per target token over the whole set, its perplexity, and its bits per byte: the summed NLL in
+    bits over the UTF-8 bytes of the target tokens' text."""
 
     loss: float
     tokens: int
+    bpb: float
+    target_bytes: int
 
     @property
     def ppl(self) -> float:
@@ -56,7 +73,7 @@ def evaluate(
     rank, world_size, device = parallel.rank, parallel.world_size, parallel.device
     total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     batches = -(-total // micro_batch_size)
-    sums = torch.zeros(2, max(batches, 1), dtype=torch.float64, device=device)  # NLL, target tokens
+    sums = torch.zeros(3, max(batches, 1), dtype=torch.float64, device=device)  # NLL, target tokens, bytes
     for index in range(rank, rank + world_size * -(-batches // world_size), world_size):
         counted = index < batches
         first = index * micro_batch_size if counted else 0
@@ -68,9 +85,15 @@ def evaluate(
         if counted:
             sums[0, index] = token_nll(logits.float(), ids_t[:, 1:], mask_t).double()
             sums[1, index] = mask_t.sum().double()
+            sums[2, index] = float(dataset.target_bytes(batch).sum())
     parallel.all_reduce_sum(sums)
-    nll, tokens = (float(value) for value in sums.sum(dim=1).tolist())
-    return EvalResult(loss=nll / max(tokens, 1.0), tokens=int(tokens))
+    nll, tokens, target_bytes = (float(value) for value in sums.sum(dim=1).tolist())
+    return EvalResult(
+        loss=nll / max(tokens, 1.0),
+        tokens=int(tokens),
+        bpb=nll / math.log(2) / max(target_bytes, 1.0),
+        target_bytes=int(target_bytes),
+    )
 
 
 def evaluate_sets(
@@ -81,7 +104,7 @@ def evaluate_sets(
     micro_batch_size: int,
     max_samples: int | None = None,
 ) -> dict[str, float]:
-    """``<set>/loss`` and ``<set>/ppl`` of every held-out set (``val``, ``retention/<name>``)."""
+    """``<set>/loss``, ``<set>/ppl`` and ``<set>/bpb`` of every held-out set (``val``, ``retention/<name>``)."""
     results: dict[str, float] = {}
     for name, dataset in sets.items():
         result = evaluate(
@@ -89,14 +112,18 @@ def evaluate_sets(
         )
         results[metric(name, LOSS)] = result.loss
         results[metric(name, PPL)] = result.ppl
+        results[metric(name, BPB)] = result.bpb
     return results
 
 
 def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-    """``retention/<set>/forgetting_pct``: the relative rise of each retention perplexity over the baseline."""
-    before = retention_metrics(baseline, PPL)
-    return {
-        metric(retention_set(name), FORGETTING): 100.0 * (value / before[name] - 1.0)
-        for name, value in retention_metrics(results, PPL).items()
-        if name in before
-    }
+    """``retention/<set>/forgetting_pct``: the relative rise of each retention perplexity over the baseline;
+    ``retention/<set>/forgetting_bpb_pct``: that of its bits per byte, which stays meaningful when the
+    vocabulary changes (a perplexity per token then compares different tokens)."""
+    out = {}
+    for stat, name_of in ((PPL, FORGETTING), (BPB, FORGETTING_BPB)):
+        before = retention_metrics(baseline, stat)
+        for name, value in retention_metrics(results, stat).items():
+            if name in before:
+                out[metric(retention_set(name), name_of)] = 100.0 * (value / before[name] - 1.0)
+    return out

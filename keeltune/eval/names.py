@@ -1,13 +1,16 @@
 """The names of held-out metrics, built and read in one place: ``val/loss``, ``retention/<set>/ppl``,
-``retention/<set>/forgetting_pct``."""
+``val/bpb`` (bits per byte), ``retention/<set>/forgetting_pct`` (of perplexity) and
+``retention/<set>/forgetting_bpb_pct`` (of bits per byte)."""
 
 from __future__ import annotations
 
 from keeltune.config import DataConfig, TaskConfig
+from keeltune.config.schema import FORGETTING_STATS, HELD_OUT_STATS
 
 VALIDATION = "val"
 RETENTION = "retention"
-LOSS, PPL, FORGETTING = "loss", "ppl", "forgetting_pct"
+LOSS, PPL, BPB = HELD_OUT_STATS  # what every held-out set reports (the config names them for its checks)
+FORGETTING, FORGETTING_BPB = FORGETTING_STATS  # the rise of a retention set's perplexity, of its bpb
 VAL_LOSS = f"{VALIDATION}/{LOSS}"
 
 

@@ -8,8 +8,10 @@ from typing import Any
 
 from keeltune.config import ConfigError, load_config
 from keeltune.eval.names import (
+    BPB,
     CHANGE,
     FORGETTING,
+    FORGETTING_BPB,
     PPL,
     STDERR,
     TASK,
@@ -297,6 +299,12 @@ def summary_lines(run_dir: Path, records: list[dict[str, Any]]) -> list[str]:
         forgetting = series(records, metric(retention_set(name), FORGETTING))[1]
         if forgetting:
             line += f", forgetting {forgetting[-1]:+.2f}%"
+        bpb_key = metric(retention_set(name), BPB)
+        bpbs = series(records, bpb_key)[1]
+        if bpbs:
+            line += f"; bits per byte {baseline.get(bpb_key, bpbs[0]):.4f} -> {bpbs[-1]:.4f}"
+            per_byte = series(records, metric(retention_set(name), FORGETTING_BPB))[1]
+            line += f", forgetting {per_byte[-1]:+.2f}%" if per_byte else ""
         lines.append(line)
     for name in task_scores(records):
         steps, values = series(records, name)

@@ -21,7 +21,7 @@ def test_eval_of_a_qlora_checkpoint_equals_what_the_trainer_logged(qlora_run: Sh
     assert done.returncode == 0, done.stderr[-4000:]
     got = json.loads(done.stdout)
     logged = next(r for r in read_metrics(run_dir) if r["step"] == STEPS and "val/loss" in r)
-    for key in ("val/loss", "retention/general/loss"):
+    for key in ("val/loss", "retention/general/loss", "val/bpb", "retention/general/bpb"):
         assert abs(got[key] - logged[key]) <= 1e-6, (key, got[key], logged[key])
     # the same 1e-6 on the loss: forgetting_pct = 100 * (ppl / baseline ppl - 1) = 100 * (exp(loss - baseline
     # loss) - 1), so a loss within 1e-6 moves it by 100 * 1e-6 * ppl / baseline ppl, about 1e-4

@@ -1,4 +1,4 @@
-"""Held-out perplexity is the same whatever the number of ranks, to the last bit: the set's micro-batches are
+"""Held-out perplexity and bits per byte are the same whatever the number of ranks, to the last bit: the set's micro-batches are
 dealt to the ranks whole and their sums added in batch order, on a set whose size neither 2 nor 3 divides
 (every rank also runs the same number of forward passes)."""
 
@@ -26,13 +26,14 @@ dataset = PackedDataset(Path(sys.argv[2]))
 result = evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, dataset, parallel, micro_batch_size=2,
                   max_samples=int(sys.argv[3]))
 if parallel.is_main:
-    print("EVAL " + json.dumps({"loss": result.loss, "tokens": result.tokens, "ppl": result.ppl}), flush=True)
+    print("EVAL " + json.dumps({"loss": result.loss, "tokens": result.tokens, "ppl": result.ppl, "bpb": result.bpb,
+                                "bytes": result.target_bytes}), flush=True)
 parallel.close()
 exit_rank(0)
 """
 
 
-def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(
+def test_retention_perplexity_and_bpb_are_the_same_on_one_two_and_three_ranks(
     assets: dict, ddp_run: SharedRun, tmp_path: Path
 ) -> None:
     # the retention set the session's ddp run prepared (read-only here)
@@ -64,5 +65,7 @@ def test_retention_perplexity_is_the_same_on_one_two_and_three_ranks(
         assert done.returncode == 0, done.stderr[-3000:]
         results[ranks] = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("EVAL"))[5:])
     assert results[1]["tokens"] == results[2]["tokens"] == results[3]["tokens"] > 0
+    assert results[1]["bytes"] == results[2]["bytes"] == results[3]["bytes"] > results[1]["tokens"]
     for ranks in (2, 3):  # whole micro-batches dealt to ranks, sums added in batch order: the same bits
         assert results[ranks]["loss"] == results[1]["loss"], results
+        assert results[ranks]["bpb"] == results[1]["bpb"], results

@@ -38,8 +38,8 @@ def test_eval_of_a_checkpoint_equals_what_the_trainer_logged(
     run_dir, _ = trained
     got = _eval_json(str(run_dir), *([] if step is None else ["--checkpoint", str(step)]))
     logged = _logged(run_dir, STEPS if step is None else step)
-    keys = ["val/loss", "val/ppl", "retention/general/loss", "retention/general/ppl"]
-    keys.append("retention/general/forgetting_pct")
+    keys = [f"{s}/{m}" for s in ("val", "retention/general") for m in ("loss", "ppl", "bpb")]
+    keys += ["retention/general/forgetting_pct", "retention/general/forgetting_bpb_pct"]
     # the held-out sets, and the config's tasks: the cloze (its own interval, every 2 steps: not logged at 3)
     # and the generation task (logged at 3 and 6)
     tasks = sorted(k for k in got if k.startswith("task/"))
@@ -60,14 +60,16 @@ def test_eval_on_several_local_ranks_gives_the_one_process_numbers(
     run_dir, cfg = trained
     got = _eval_json(str(run_dir), "--nproc", "2")
     logged = _logged(run_dir, STEPS)
-    for key in ("val/loss", "retention/general/loss", "retention/general/forgetting_pct"):
+    held_out = ("val/loss", "val/bpb", "retention/general/loss", "retention/general/bpb")
+    for key in (*held_out, "retention/general/forgetting_pct", "retention/general/forgetting_bpb_pct"):
         assert got[key] == logged[key], (key, got[key], logged[key])
     for key in ("task/cloze/acc", "task/cloze/acc_norm", "task/qa/exact_match"):  # the tasks too
         assert got[key] == logged[key], (key, got[key], logged[key])
     base = _eval_json(str(assets["model"]), "--config", str(cfg), "--nproc", "3")
     baseline = json.loads((run_dir / "baseline.json").read_text())
     assert base["retention/general/loss"] == baseline["retention/general/loss"]
-    assert base["retention/general/forgetting_pct"] == 0.0
+    assert base["retention/general/bpb"] == baseline["retention/general/bpb"]
+    assert base["retention/general/forgetting_pct"] == base["retention/general/forgetting_bpb_pct"] == 0.0
 
 
 def test_eval_of_the_base_model_equals_the_baseline(assets: dict, trained: tuple[Path, Path]) -> None:
@@ -83,7 +85,7 @@ def test_eval_prints_a_table_and_refuses_wrong_targets(assets: dict, trained: tu
     run_dir, _ = trained
     done = keeltune("eval", str(run_dir), "--max-samples", "2")
     assert done.returncode == 0, done.stderr
-    assert "retention/general" in done.stdout and "forgetting" in done.stdout
+    assert "retention/general" in done.stdout and "forgetting" in done.stdout and "bits/byte" in done.stdout
     missing = keeltune("eval", str(run_dir), "--checkpoint", str(HALF + 1))
     assert missing.returncode == 2 and f"complete checkpoints: [{HALF}, {STEPS}]" in missing.stderr
     no_config = keeltune("eval", str(assets["model"]))
@@ -115,8 +117,9 @@ def test_report_writes_plots_and_a_summary_with_the_logged_numbers(
     assert f"{evals[0]['val/loss']:.4f} (step 0) -> {evals[-1]['val/loss']:.4f} (step {STEPS})" in text
     best = min(evals, key=lambda r: r["val/loss"])
     assert f"best step by task validation loss: {best['step']} " in text
-    printed = re.search(r"forgetting ([+-][0-9.]+)%", text)
+    printed = re.search(r"forgetting ([+-][0-9.]+)%.*bits per byte .*, forgetting ([+-][0-9.]+)%", text)
     assert printed and float(printed.group(1)) == round(evals[-1]["retention/general/forgetting_pct"], 2)
+    assert float(printed.group(2)) == round(evals[-1]["retention/general/forgetting_bpb_pct"], 2)
     cloze = [r for r in read_metrics(run_dir) if "task/cloze/acc" in r]
     assert [r["step"] for r in cloze] == [0, 2, 4, 6]  # the task's own interval, and the end
     line = (

@@ -280,9 +280,17 @@ def test_reader_refuses_truncated_corrupted_foreign_and_unknown_shards(
     index = json.loads((folder / "index.json").read_text())
     (folder / "index.json").write_text(json.dumps({**index, "format_version": 99}))
     with pytest.raises(
-        DataError, match="format version 99, this keeltune reads version 2; run keeltune prepare"
+        DataError, match="format version 99, this keeltune reads version 3; run keeltune prepare CONFIG again"
     ):
         PackedDataset(folder)
+    # a folder of the previous format (no target bytes): named, with why and the fix
+    (folder / "index.json").write_text(json.dumps({**index, "format_version": 2}))
+    with pytest.raises(DataError) as refused:
+        PackedDataset(folder)
+    assert str(refused.value) == (
+        f"{folder}: prepared with format version 2, this keeltune reads version 3 (version 3 stores the target "
+        "bytes that evaluation in bits per byte needs); run keeltune prepare CONFIG again (it replaces the folder)"
+    )
 
 
 def test_train_refuses_stale_shards_and_prepare_replaces_them(

@@ -26,7 +26,12 @@ def make_prepared(folder: Path, name: str, count: int, shard_samples: int = 7) -
     """``count`` samples whose tokens all equal the sample's id, in shards of ``shard_samples``."""
     folder.mkdir(parents=True)
     writer = ShardWriter(
-        folder, seq_len=SEQ, shard_samples=shard_samples, dtype=np.dtype(np.uint32), pad_id=0
+        folder,
+        seq_len=SEQ,
+        shard_samples=shard_samples,
+        dtype=np.dtype(np.uint32),
+        pad_id=0,
+        token_bytes=np.ones(count + 1, dtype=np.uint32),  # one byte per token
     )
     for i in range(count):
         writer.add(Document([i] * SEQ, [1] * SEQ))
