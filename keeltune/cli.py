@@ -334,6 +334,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from keeltune.config import check_paths, check_world_size, load_config
+    from keeltune.data_pipeline.vocabulary import check_extended_vocabulary
     from keeltune.eval.bias.probes import check_probes
     from keeltune.eval.scoring import check_tasks
     from keeltune.launcher.local import run_local
@@ -344,6 +345,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_paths(config)
     check_tasks(config)
     check_probes(config)
+    check_extended_vocabulary(config)
     run_dir, checkpoint = prepare_run_dir(config)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
     print(f"run folder: {run_dir} ({where}, {args.nproc} rank(s))", file=sys.stderr)

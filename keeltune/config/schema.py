@@ -562,6 +562,8 @@ class RetentionGuardConfig:
     of the retention sets' loss, in nats)."""
 
     max_forgetting_pct: float | None = None  # None: off
+    # the same on bits per byte (forgetting_bpb_pct): what to watch with model.extend_vocabulary; None: off
+    max_forgetting_bpb_pct: float | None = None
     metric: str = ""  # a retention task's metric, task/<task>/<metric>; "": none
     mode: MetricMode = "max"
     max_drop: float | None = None  # with metric: the largest allowed worsening since step 0, metric units
@@ -569,8 +571,9 @@ class RetentionGuardConfig:
     retention_weight: float = 1.0  # action best: a nat of retention loss weighs this many nats of task loss
 
     def __post_init__(self) -> None:
-        if self.max_forgetting_pct is not None and self.max_forgetting_pct <= 0:
-            raise ConfigError(f"max_forgetting_pct: must be > 0 (percent), got {self.max_forgetting_pct}")
+        for key in ("max_forgetting_pct", "max_forgetting_bpb_pct"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0 (percent), got {getattr(self, key)}")
         if self.retention_weight < 0:
             raise ConfigError(f"retention_weight: must be >= 0, got {self.retention_weight}")
         if (self.metric == "") != (self.max_drop is None):
@@ -582,7 +585,9 @@ class RetentionGuardConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.max_forgetting_pct is not None or self.max_drop is not None
+        return any(
+            v is not None for v in (self.max_forgetting_pct, self.max_forgetting_bpb_pct, self.max_drop)
+        )
 
 
 @dataclass(kw_only=True)
@@ -720,7 +725,9 @@ def _check_watched_metrics(config: Config) -> None:
             "(a data.validation set for val/loss)"
         )
     _check_bias_guard(config)
-    if guard.max_forgetting_pct is not None and not config.data.retention:
+    if (
+        guard.max_forgetting_pct is not None or guard.max_forgetting_bpb_pct is not None
+    ) and not config.data.retention:
         raise ConfigError(
             "regularization.retention_guard: max_forgetting_pct watches retention sets; add a data.retention "
             "set or remove max_forgetting_pct"

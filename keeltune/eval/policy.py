@@ -18,7 +18,15 @@ from keeltune.config import (
     RegularizationConfig,
     RetentionGuardConfig,
 )
-from keeltune.eval.names import CHANGE, FORGETTING, LOSS, metric, retention_metrics, retention_set
+from keeltune.eval.names import (
+    CHANGE,
+    FORGETTING,
+    FORGETTING_BPB,
+    LOSS,
+    metric,
+    retention_metrics,
+    retention_set,
+)
 from keeltune.run_folder import BEST_MODEL_DIR
 
 
@@ -67,14 +75,17 @@ class EarlyStopping:
 
 def forgetting_breaches(results: dict[str, float], guard: RetentionGuardConfig) -> dict[str, str]:
     """What the retention guard finds above its thresholds: ``retention/<set>/forgetting_pct`` values over
-    ``max_forgetting_pct``, and the watched retention task metric's worsening since step 0 over ``max_drop``;
+    ``max_forgetting_pct`` (``forgetting_bpb_pct`` over ``max_forgetting_bpb_pct``), and the watched retention task metric's worsening since step 0 over ``max_drop``;
     each with its text."""
     breaches = {}
-    if guard.max_forgetting_pct is not None:
-        for name, value in retention_metrics(results, FORGETTING).items():
-            if value > guard.max_forgetting_pct:
-                key = metric(retention_set(name), FORGETTING)
-                breaches[key] = f"{key} {value:.1f}% above max_forgetting_pct={guard.max_forgetting_pct:g}"
+    for stat, setting in ((FORGETTING, "max_forgetting_pct"), (FORGETTING_BPB, "max_forgetting_bpb_pct")):
+        limit = getattr(guard, setting)
+        if limit is None:
+            continue
+        for name, value in retention_metrics(results, stat).items():
+            if value > limit:
+                key = metric(retention_set(name), stat)
+                breaches[key] = f"{key} {value:.1f}% above {setting}={limit:g}"
     change = results.get(guard.metric + CHANGE) if guard.metric else None
     if change is not None and guard.max_drop is not None:
         worsening = -change if guard.mode == "max" else change

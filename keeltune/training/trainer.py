@@ -16,14 +16,14 @@ import torch
 from keeltune.atomic import write_atomically
 from keeltune.config import Config, mixing_counts
 from keeltune.data_pipeline.formats import save_tokenizer
-from keeltune.data_pipeline.prepare import tokenizer_fingerprint
-from keeltune.data_pipeline.reader import TrainStream
+from keeltune.data_pipeline.prepare import prepare_sets, tokenizer_fingerprint
+from keeltune.data_pipeline.reader import PackedDataset, TrainStream
 from keeltune.data_pipeline.sources import DataError
 from keeltune.distributed import ParallelEnv
 from keeltune.eval.bias.probes import bias_results, item_rows, load_probe_sets
 from keeltune.eval.bias.score import score_probe_sets
 from keeltune.eval.evaluate import evaluate_sets, forgetting, token_nll
-from keeltune.eval.names import task_change
+from keeltune.eval.names import BPB, held_out_names, task_change
 from keeltune.eval.policy import HeldOutPolicy
 from keeltune.eval.tasks import PreparedTask, run_task
 from keeltune.run_folder import (
@@ -55,7 +55,7 @@ from keeltune.training.regularizers import (
 )
 from keeltune.training.schedule import lr_at
 from keeltune.training.stop import StopRequest
-from keeltune.training.vocabulary import base_vocab_size, ensure_extended_base
+from keeltune.training.vocabulary import base_vocab_size, ensure_extended_base, read_vocabulary
 
 log = logging.getLogger("keeltune")
 
@@ -112,6 +112,8 @@ class Trainer:
             )  # fmt: skip
             self.stage_regularizers.append(build_regularizers(context))
             pretrained = context._pretrained
+        self.base_rows = base_vocab_size(config)  # with a domain vocabulary: the original base's rows
+        self.original_tokenizer_path = as_written.model.tokenizer_path
         self.step = 0
         self.baseline: dict[str, float] = {}
         self.bias_baseline: dict[str, dict[str, list]] = {}  # probe -> the base's items ("where") and lls
@@ -242,6 +244,10 @@ class Trainer:
         self.backend.train(True)
         if not self.baseline and self.step == 0:
             self.baseline = dict(results)
+            if self.base_rows is not None and sets:
+                original = self._original_base_bpb()
+                self.baseline.update(original)  # forgetting per byte is measured against the original base
+                results.update({f"base/{name}": value for name, value in original.items()})
             if self.parallel.is_main:
                 (self.run_dir / BASELINE_FILE).write_text(json.dumps(self.baseline, indent=1))
         results.update(forgetting(results, self.baseline))
@@ -251,6 +257,36 @@ class Trainer:
         )
         log.info("eval at step %d: %s", self.step, summary)
         return results
+
+    def _original_base_bpb(self) -> dict[str, float]:
+        """With a domain vocabulary: each retention set's bits per byte under the original base, i.e. the
+        extended base at step 0 on the set as the original tokenizer makes it, its logits on the original rows
+        only (those rows, and so that distribution, are the original model's exactly)."""
+        tokenizer = load_tokenizer(self.original_tokenizer_path)
+        data = self.config.data
+        folders = None
+        if self.parallel.is_main:  # next to, never over, the sets made with the extended tokenizer
+            prepared = prepare_sets(data, self.run_dir, tokenizer, refresh=False, held_out_only=True)
+            names = held_out_names(data)
+            folders = {
+                names[key]: str(folder) for key, folder, _ in prepared if key.startswith("data.retention")
+            }
+        folders = self.parallel.broadcast_object(folders)
+        sets = {
+            name: PackedDataset(
+                Path(folder), fingerprint=tokenizer_fingerprint(tokenizer), verify_checksums="never"
+            )
+            for name, folder in folders.items()
+        }
+        rows = self.base_rows
+        results = evaluate_sets(
+            lambda ids: self.backend.logits(ids)[..., :rows],
+            sets,
+            self.parallel,
+            micro_batch_size=self.config.eval.micro_batch_size,
+            max_samples=self.config.eval.max_samples,
+        )
+        return {name: value for name, value in results.items() if name.endswith(f"/{BPB}")}
 
     def _write_items(self, name: str, rows: list[dict[str, Any]]) -> None:
         """One eval's per-item rows: a JSONL file in the run folder and a W&B table (rank 0)."""
@@ -448,6 +484,17 @@ class Trainer:
             run_dir=self.run_dir, steps=self.whole_config.total_steps, wandb=self.metrics.wandb_location
         )
         at_start = self.config.eval.at_start and (self.eval_sets or self.tasks)
+        vocabulary = read_vocabulary(Path(self.config.model.path))
+        if self.step == 0 and vocabulary is not None:  # model.extend_vocabulary: what it bought
+            per_document = vocabulary["tokens_per_document"]
+            self.metrics.log(
+                0,
+                {
+                    "vocab/new_tokens": float(len(vocabulary["tokens"])),
+                    "vocab/tokens_per_document_before": per_document["before"],
+                    "vocab/tokens_per_document_after": per_document["after"],
+                },
+            )
         if self.step == 0 and (at_start or self.probes):  # the probes' base scores are taken at step 0
             summary.first_eval = self.run_evals(sets=at_start, tasks=None if at_start else [])
             self.metrics.log(0, summary.first_eval)

@@ -172,8 +172,11 @@ def test_a_domain_vocabulary_is_learned_from_the_first_stage_and_trained_in_both
     assert report["sources"] == ["domain"] and len(report["tokens"]) == 24
     per_document = report["tokens_per_document"]
     assert per_document["after"] < per_document["before"]
-    trained = {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+    rows = read_metrics(run_dir)
+    trained = {r["step"]: r for r in rows if "train/loss" in r}
     assert all(0 < trained[s]["train/kl"] < 10 for s in range(CPT_STEPS + 1, STEPS + 1))
+    logged = next(r for r in rows if "vocab/new_tokens" in r)  # in metrics.jsonl and W&B, at step 0
+    assert logged["step"] == 0 and logged["vocab/tokens_per_document_after"] == per_document["after"]
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final", local_files_only=True)
     assert len(tokenizer) == base_size + 24 == model.get_input_embeddings().weight.shape[0]

@@ -90,3 +90,16 @@ def test_parallel_env_owns_and_destroys_the_one_rank_group_a_backend_asks_for() 
     parallel.ensure_process_group()  # a second call joins the same group
     parallel.close()
     assert not dist.is_initialized()
+
+
+def test_the_guard_may_watch_forgetting_per_byte() -> None:
+    from keeltune.config import RetentionGuardConfig
+    from keeltune.eval.policy import forgetting_breaches
+
+    guard = RetentionGuardConfig(max_forgetting_bpb_pct=5.0)
+    results = {"retention/g/forgetting_pct": 30.0, "retention/g/forgetting_bpb_pct": 4.0}
+    assert forgetting_breaches(results, guard) == {}  # per token it would breach: only bits per byte count
+    breaches = forgetting_breaches({**results, "retention/g/forgetting_bpb_pct": 6.0}, guard)
+    assert breaches == {
+        "retention/g/forgetting_bpb_pct": "retention/g/forgetting_bpb_pct 6.0% above max_forgetting_bpb_pct=5"
+    }
