@@ -102,18 +102,18 @@ class Trainer:
         ]
         self.tasks = build_tasks(config, self.tokenizer)
         self.probes = load_probe_sets(config.eval.bias)  # every probe file read and checked before training
+        self.base_rows = base_vocab_size(config)  # with a domain vocabulary: the original base's rows
+        self.original_tokenizer_path = as_written.model.tokenizer_path
         # each stage's regularizers, all built before any step or resume: they anchor at the original base
         self.stage_regularizers: list[list[Regularizer]] = []
         pretrained = None
         for view, (_, eval_sets) in zip(self.views, self.stage_data, strict=True):
             context = RegularizerContext(
                 view, self.backend, parallel, self.run_dir, eval_sets, tokenizer=self.tokenizer,
-                base_vocab_size=base_vocab_size(config), _pretrained=pretrained,
+                base_vocab_size=self.base_rows, _pretrained=pretrained,
             )  # fmt: skip
             self.stage_regularizers.append(build_regularizers(context))
             pretrained = context._pretrained
-        self.base_rows = base_vocab_size(config)  # with a domain vocabulary: the original base's rows
-        self.original_tokenizer_path = as_written.model.tokenizer_path
         self.step = 0
         self.baseline: dict[str, float] = {}
         self.bias_baseline: dict[str, dict[str, list]] = {}  # probe -> the base's items ("where") and lls
