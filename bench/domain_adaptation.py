@@ -371,50 +371,58 @@ def plot(rows: list[dict[str, Any]], base: dict[str, float], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = (
-        ("task loss, bits per byte (lower is better)", ("val/bpb", f"retention/{VAL_IN}/bpb"), 1.0),
-        ("stdlib_mc accuracy, % (chance 25%)", (f"task/{MC_HELD}/acc", f"task/{MC_IN}/acc"), 100.0),
+    figure, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    panels = (  # title, [(key, legend)], scale
         (
-            "retention (general docs)",
-            (f"retention/{GENERAL}/forgetting_bpb_pct", f"task/{CLOZE}/acc"),
+            "task loss, bits per byte (lower is better)",
+            [("val/bpb", "held-out modules"), (f"retention/{VAL_IN}/bpb", "in-CPT modules")],
             1.0,
         ),
+        (
+            "stdlib_mc accuracy, % (chance 25%)",
+            [(f"task/{MC_HELD}/acc", "held-out modules"), (f"task/{MC_IN}/acc", "in-CPT modules")],
+            100.0,
+        ),
+        (
+            "forgetting: general docs bpb rise over the base, %",
+            [(f"retention/{GENERAL}/forgetting_bpb_pct", "python-docs")],
+            1.0,
+        ),
+        ("retention: docs_cloze accuracy, %", [(f"task/{CLOZE}/acc", "docs_cloze")], 100.0),
     )
     labels = [f"{round(r['fraction'] * 100)}% {r['method']}" for r in rows]
     x = list(range(len(rows)))
     for ax, (title, keys, scale) in zip(axes, panels, strict=True):
-        width = 0.38
-        for j, key in enumerate(keys):
-            name = {
-                "val/bpb": "held-out modules",
-                f"retention/{VAL_IN}/bpb": "in-CPT modules",
-                f"task/{MC_HELD}/acc": "held-out modules",
-                f"task/{MC_IN}/acc": "in-CPT modules",
-                f"retention/{GENERAL}/forgetting_bpb_pct": "forgetting, % bpb rise",
-                f"task/{CLOZE}/acc": "docs_cloze accuracy, % (x0.5 offset: raw %)",
-            }[key]
-            k = 100.0 if key == f"task/{CLOZE}/acc" else scale
+        width = 0.8 / len(keys)
+        values = []
+        for j, (key, name) in enumerate(keys):
+            heights = [r[key] * scale for r in rows]
+            values += heights
             ax.bar(
-                [i + (j - 0.5) * width for i in x],
-                [r[key] * k for r in rows],
+                [i + (j - (len(keys) - 1) / 2) * width for i in x],
+                heights,
                 width,
-                yerr=[r[key + ":spread"] * k for r in rows],
+                yerr=[r[key + ":spread"] * scale for r in rows],
                 label=name,
+                color=f"C{j}",
             )
-            if key in base and key != f"retention/{GENERAL}/forgetting_bpb_pct":
-                ax.axhline(base[key] * k, ls=":", lw=1, color=f"C{j}")
+            if key in base and "forgetting" not in key:
+                ax.axhline(base[key] * scale, ls=":", lw=1.2, color=f"C{j}", label=f"{name}: base")
+                values.append(base[key] * scale)
+        if "bits per byte" in title:
+            low, high = min(values), max(values)
+            ax.set_ylim(low - 0.15 * (high - low), high + 0.1 * (high - low))
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     figure.suptitle(
-        "Domain adaptation with scarce task data (mean of seeds, half-range as bars; dotted: base)"
+        "Domain adaptation with scarce task data: SFT alone vs CPT -> SFT (mean of seeds, half-range as bars)"
     )
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    figure.savefig(out, dpi=100)
     plt.close(figure)
 
 
