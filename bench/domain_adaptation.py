@@ -22,7 +22,7 @@ the rise of the general retention set's bits per byte over the base (``forgettin
 ``docs_cloze`` accuracy. Finished runs are kept in ``ROOT/results.json`` and not run again.
 
     python bench/domain_adaptation.py [--root /tmp/keeltune-domain] [--seeds 0 1] [--fractions 0.1 0.25]
-        [--cpt-steps 50] [--sft-steps 40] [--new-tokens 256] [--plot docs/domain_adaptation.png] [--smoke]
+        [--cpt-steps 50] [--sft-steps 40] [--batch-size 16] [--new-tokens 256] [--plot docs/domain_adaptation.png] [--smoke]
 """
 
 from __future__ import annotations
@@ -250,10 +250,13 @@ class Bench:
             "path": str(self.files.task_train[fraction]),
             "format": "instruction",
         }
+        batch = self.args.batch_size or self.recipe.finetune.batch_size
         schedule = dataclasses.replace(
             self.recipe.finetune,
             steps=self.args.sft_steps,
             eval_every=self.args.cpt_steps + self.args.sft_steps,
+            batch_size=batch,
+            micro_batch_size=min(batch, self.recipe.finetune.micro_batch_size),
         )
         config = phase_config(
             name,
@@ -440,6 +443,9 @@ def main() -> None:
     parser.add_argument("--cpt-steps", type=int, default=50)
     parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--cpt-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--batch-size", type=int, help="sequences per step, both stages (default: the demo fine-tune's 16)"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--mc-items", type=int, default=200, help="items of each stdlib_mc variant")
     parser.add_argument("--plot", type=Path, default=Path("docs/domain_adaptation.png"))
@@ -451,6 +457,7 @@ def main() -> None:
     if args.smoke:
         recipe = SMOKE
         args.seeds, args.cpt_steps, args.sft_steps, args.mc_items = args.seeds[:1], 6, 4, 24
+        args.batch_size = None
         args.new_tokens = min(args.new_tokens, 32)
         if args.root == parser.get_default("root"):
             args.root = Path("/tmp/keeltune-domain-smoke")
