@@ -160,6 +160,11 @@ def write_domain_data(folder: Path, demo: DemoFiles, fractions: list[float], mc_
     )
 
 
+def warmup(steps: int, total: int) -> int:
+    """The demo's warmup, at most a fifth of a stage's steps (a shortened stage keeps its warmup share)."""
+    return max(1, min(steps, total // 5))
+
+
 class Bench:
     def __init__(self, root: Path, recipe: Recipe, args: argparse.Namespace, console: Console) -> None:
         self.root, self.recipe, self.args, self.console = root, recipe, args, console
@@ -228,7 +233,7 @@ class Bench:
                 "training": {
                     "max_steps": args.cpt_steps,
                     "lr": args.cpt_lr,
-                    "warmup_steps": schedule.warmup_steps,
+                    "warmup_steps": warmup(schedule.warmup_steps, args.cpt_steps),
                 },
             },
             {"name": "sft"},
@@ -255,6 +260,7 @@ class Bench:
             self.recipe.finetune,
             steps=self.args.sft_steps,
             eval_every=self.args.cpt_steps + self.args.sft_steps,
+            warmup_steps=warmup(self.recipe.finetune.warmup_steps, self.args.sft_steps),
             batch_size=batch,
             micro_batch_size=min(batch, self.recipe.finetune.micro_batch_size),
         )
@@ -469,13 +475,14 @@ def main() -> None:
     started = time.perf_counter()
     bench = Bench(args.root.resolve(), recipe, args, console)
     console.print(f"data: {json.dumps(bench.files.counts)}")
-    plan = [
-        (method, fraction, seed)
-        for seed in args.seeds
-        for fraction in args.fractions
-        for method in args.methods
-        if method != "cpt-replay-sft" or seed in replay_seeds
-    ]
+    # the order of priority, so that a run cut short has whole comparisons: the first seed's SFT / CPT / vocabulary
+    # grid, then per data size the replay variant and the other seeds
+    core = [m for m in args.methods if m != "cpt-replay-sft"]
+    plan = [(m, f, args.seeds[0]) for f in args.fractions for m in core]
+    for fraction in args.fractions:
+        if "cpt-replay-sft" in args.methods:
+            plan += [("cpt-replay-sft", fraction, s) for s in replay_seeds]
+        plan += [(m, fraction, s) for s in args.seeds[1:] for m in core]
     for method, fraction, seed in plan:
         if method != BASELINE:
             bench.run(BASELINE, fraction, seed)
