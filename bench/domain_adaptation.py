@@ -22,7 +22,7 @@ the rise of the general retention set's bits per byte over the base (``forgettin
 ``docs_cloze`` accuracy. Finished runs are kept in ``ROOT/results.json`` and not run again.
 
     python bench/domain_adaptation.py [--root /tmp/keeltune-domain] [--seeds 0 1] [--fractions 0.1 0.25]
-        [--cpt-steps 50] [--sft-steps 40] [--batch-size 16] [--new-tokens 256] [--plot docs/domain_adaptation.png] [--smoke]
+        [--cpt-steps 40] [--sft-steps 30] [--batch-size 16] [--new-tokens 256] [--plot docs/domain_adaptation.png] [--smoke]
 """
 
 from __future__ import annotations
@@ -446,14 +446,14 @@ def main() -> None:
     parser.add_argument(
         "--replay-seeds", type=int, nargs="+", help="seeds of cpt-replay-sft (default: the first)"
     )
-    parser.add_argument("--cpt-steps", type=int, default=50)
-    parser.add_argument("--sft-steps", type=int, default=40)
+    parser.add_argument("--cpt-steps", type=int, default=40)
+    parser.add_argument("--sft-steps", type=int, default=30)
     parser.add_argument("--cpt-lr", type=float, default=5e-4)
     parser.add_argument(
         "--batch-size", type=int, help="sequences per step, both stages (default: the demo fine-tune's 16)"
     )
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--mc-items", type=int, default=200, help="items of each stdlib_mc variant")
+    parser.add_argument("--mc-items", type=int, default=100, help="items of each stdlib_mc variant")
     parser.add_argument("--plot", type=Path, default=Path("docs/domain_adaptation.png"))
     parser.add_argument(
         "--smoke", action="store_true", help="the demo's seconds-long recipe, 1 seed, few steps"
