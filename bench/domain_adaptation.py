@@ -22,7 +22,8 @@ the rise of the general retention set's bits per byte over the base (``forgettin
 ``docs_cloze`` accuracy. Finished runs are kept in ``ROOT/results.json`` and not run again.
 
     python bench/domain_adaptation.py [--root /tmp/keeltune-domain] [--seeds 0 1] [--fractions 0.1 0.25]
-        [--cpt-steps 40] [--sft-steps 30] [--batch-size 16] [--new-tokens 256] [--plot docs/domain_adaptation.png] [--smoke]
+        [--cpt-steps 40] [--sft-steps 30] [--batch-size 16] [--new-tokens 256] [--mc-items 100]
+        [--plot docs/domain_adaptation.png] [--report-only] [--smoke]
 """
 
 from __future__ import annotations
@@ -453,7 +454,9 @@ def main() -> None:
         "--batch-size", type=int, help="sequences per step, both stages (default: the demo fine-tune's 16)"
     )
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--mc-items", type=int, default=100, help="items of each stdlib_mc variant")
+    parser.add_argument(
+        "--mc-items", type=int, default=100, help="items of each stdlib_mc variant and of docs_cloze"
+    )
     parser.add_argument("--plot", type=Path, default=Path("docs/domain_adaptation.png"))
     parser.add_argument(
         "--smoke", action="store_true", help="the demo's seconds-long recipe, 1 seed, few steps"
@@ -483,7 +486,7 @@ def main() -> None:
         if "cpt-replay-sft" in args.methods:
             plan += [("cpt-replay-sft", fraction, s) for s in replay_seeds]
         plan += [(m, fraction, s) for s in args.seeds[1:] for m in core]
-    for method, fraction, seed in plan:
+    for method, fraction, seed in [] if args.report_only else plan:
         if method != BASELINE:
             bench.run(BASELINE, fraction, seed)
         bench.run(method, fraction, seed)
