@@ -459,6 +459,11 @@ def main() -> None:
     )
     parser.add_argument("--plot", type=Path, default=Path("docs/domain_adaptation.png"))
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the table and plot of the runs already in ROOT/results.json (a run cut short)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="the demo's seconds-long recipe, 1 seed, few steps"
     )
     args = parser.parse_args()
