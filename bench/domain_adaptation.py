@@ -18,8 +18,8 @@ Methods, each at every data size and seed, in one run per cell (``stages`` for t
     cpt-replay-sft the same as cpt-sft with 20% of the CPT stream replaced by general text (first seed only)
 
 Task loss is compared in bits per byte (a domain vocabulary changes the tokens, not the bytes); forgetting is
-the rise of the general retention set's bits per byte over the original base (what ``forgetting_bpb_pct``
-measures, but for a domain vocabulary against the base before the extension, not the extended one), and
+the rise of the general retention set's bits per byte over the original base (what the trainer's
+``forgetting_bpb_pct`` measures, with a domain vocabulary too; computed here from each run's bpb), and
 ``docs_cloze`` accuracy. Finished runs are kept in ``ROOT/results.json`` and not run again.
 
     python bench/domain_adaptation.py [--root /tmp/keeltune-domain] [--seeds 0 1] [--fractions 0.1 0.25]
