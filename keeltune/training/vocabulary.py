@@ -20,7 +20,6 @@ from keeltune.config import Config
 from keeltune.data_pipeline.prepare import recipe
 from keeltune.data_pipeline.sources import DataError
 from keeltune.data_pipeline.vocabulary import (
-    NewToken,
     add_tokens,
     check_extendable,
     domain_texts,
@@ -131,8 +130,7 @@ def ensure_extended_base(config: Config) -> dict[str, Any] | None:
     if done.is_file() and json.loads(done.read_text())["digest"] == report["digest"]:
         return report
     model = load_causal_lm(config.model.path, dtype="auto")
-    tokens = [NewToken(t["text"], t["pieces"], t["count"]) for t in report["tokens"]]
-    extend_embeddings(model, report["tokens"][0]["id"], [t.pieces for t in tokens])
+    extend_embeddings(model, report["tokens"][0]["id"], [t["pieces"] for t in report["tokens"]])
     model.save_pretrained(folder, safe_serialization=True)
     rows = model.get_input_embeddings().weight.shape[0]
     write_json_atomically(done, {"digest": report["digest"], "rows": rows})
