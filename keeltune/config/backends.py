@@ -28,7 +28,7 @@ def _no_check(config: Config) -> None:
 class BackendSpec:
     module: str  # the module with build(config, parallel, *, keep_reference) and export_checkpoint(...)
     summary: str
-    states_bytes: Bytes  # model and optimizer states per GPU
+    states_bytes: Bytes  # model and optimizer states per GPU, held for the whole run
     regularizer_bytes: Bytes  # what the active regularizers keep (base copy, anchors, Fisher) per GPU
     check: Callable[[Config], None] = _no_check  # checks of the whole config this backend needs
     settings: str | None = None  # its own section, sharding.<settings>
@@ -37,6 +37,7 @@ class BackendSpec:
     )  # another backend's section -> why not with this one
     adapters: bool = False  # trains adapters over a frozen base (export --merge gives the full model)
     describe: Callable[[Config, int], list[str]] | None = None  # extra lines `keeltune config` shows
+    gathered_bytes: Bytes | None = None  # parameters gathered whole for compute, at the peak, per GPU
 
 
 def _regularized(config: Config) -> tuple[bool, bool, bool]:
@@ -56,10 +57,38 @@ def _ddp_regularizers(config: Config, shape: dict[str, int], ranks: int) -> floa
 
 def _zero3_states(config: Config, shape: dict[str, int], ranks: int) -> float:
     offloaded = config.sharding.zero3.offload_optimizer == "cpu"
-    states = (4 + (0 if offloaded else 12)) * shape["params"] / ranks
-    return (
-        states + 2 * 2 * shape["params"] / shape["layers"]
-    )  # two layers' bf16 parameters gathered at a time
+    return (4 + (0 if offloaded else 12)) * shape["params"] / ranks
+
+
+def _zero3_gathered(config: Config, shape: dict[str, int], ranks: int) -> float:
+    return 2 * 2 * shape["params"] / shape["layers"]  # two layers' bf16 parameters gathered at a time
+
+
+def _compute_bytes(config: Config) -> int:
+    """Bytes per parameter in the compute dtype (bf16 on GPUs unless precision is fp32)."""
+    return 4 if config.training.precision == "fp32" else 2
+
+
+def _root_params(shape: dict[str, int]) -> int:
+    """Parameters outside the transformer blocks: the input embeddings, and the output layer unless tied."""
+    return shape["vocab"] * shape["hidden"] * (1 if shape.get("tied", 1) else 2)
+
+
+def _fsdp2_states(config: Config, shape: dict[str, int], ranks: int) -> float:
+    """fp32 weights, gradients and AdamW's two moments, sharded: 16 B / ranks per parameter (host memory with
+    offload)."""
+    return 0.0 if config.sharding.fsdp2.offload == "cpu" else 16.0 * shape["params"] / ranks
+
+
+def _fsdp2_gathered(config: Config, shape: dict[str, int], ranks: int) -> float:
+    """The root (embeddings, output layer) stays gathered from forward to backward; blocks are gathered two at a
+    time (one computing, one prefetched), or all of them without resharding after forward."""
+    if ranks == 1:
+        return 0.0  # one rank: the shard is the whole parameter, nothing is gathered apart
+    root = _root_params(shape)
+    block = (shape["params"] - root) / shape["layers"]
+    blocks = shape["layers"] if not config.sharding.fsdp2.reshard_after_forward else min(2, shape["layers"])
+    return _compute_bytes(config) * (root + blocks * block)
 
 
 def _zero3_regularizers(config: Config, shape: dict[str, int], ranks: int) -> float:
@@ -103,6 +132,15 @@ BACKENDS: dict[str, BackendSpec] = {
         regularizer_bytes=_zero3_regularizers,
         settings="zero3",
         describe=deepspeed_summary,
+        gathered_bytes=_zero3_gathered,
+    ),
+    "fsdp2": BackendSpec(
+        module="keeltune.sharding.fsdp2",
+        summary="PyTorch FSDP2 full fine-tuning: every parameter sharded on dim 0, checkpoints that reshard on load",
+        states_bytes=_fsdp2_states,
+        regularizer_bytes=_zero3_regularizers,  # the same partitioned copies, bf16 base / ranks
+        settings="fsdp2",
+        gathered_bytes=_fsdp2_gathered,
     ),
     "qlora": BackendSpec(
         module="keeltune.sharding.qlora",

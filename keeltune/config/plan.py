@@ -96,6 +96,7 @@ def model_shape(model_path: str) -> dict[str, int]:
         "hidden": model_hidden_size(model_path),
         "layers": int(data.get("num_hidden_layers") or data.get("n_layer") or 1),
         "vocab": int(data.get("vocab_size") or 0),
+        "tied": int(bool(data.get("tie_word_embeddings", False))),
     }
 
 
@@ -103,9 +104,11 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
     """A rough per-GPU memory estimate in GiB, by part, for the chosen backend (bf16 compute assumed on GPU).
 
     States (each backend's registry entry): ddp 16 B/param (fp32 weights, gradients, AdamW); zero3
-    (2 + 2 + 12) B/param / ranks, the 12 on CPU with optimizer offload, plus two layers gathered; qlora
-    0.55 B/param (NF4 with double quantization) plus 16 B per LoRA parameter. Activations per micro-batch: 34 B per token x hidden x layer (2 with activation
-    checkpointing, plus one layer's 34), and fp32 logits with their gradient (8 B per token x vocab).
+    (2 + 2 + 12) B/param / ranks, the 12 on CPU with optimizer offload, plus two layers gathered; fsdp2
+    16 B/param / ranks, plus the root and two blocks gathered in the compute dtype; qlora 0.55 B/param (NF4
+    with double quantization) plus 16 B per LoRA parameter. Activations per micro-batch: 34 B per token x
+    hidden x layer (2 with activation checkpointing, plus one layer's 34), and fp32 logits with their gradient
+    (8 B per token x vocab).
     Regularizers: KL keeps the base (ddp an fp32 copy, zero3 bf16 / ranks, qlora nothing) and its fp32 logits
     (4 B per token x vocab); L2-SP and EWC keep fp32 pretrained weights (ddp: the KL copy when there is one),
     EWC an fp32 Fisher (both / ranks under zero3)."""
@@ -122,8 +125,10 @@ def estimate_gpu_memory(config: Config, world_size: int) -> dict[str, float]:
     activations = tokens * hidden * (per_layer * layers + (34 if config.model.gradient_checkpointing else 0))
     logits = 8.0 * tokens * vocab
     gib = 1024**3
-    parts = {
-        "model and optimizer states": states / gib,
+    parts = {"model and optimizer states": states / gib}
+    if spec.gathered_bytes is not None:
+        parts["parameters gathered for compute"] = spec.gathered_bytes(config, shape, world_size) / gib
+    parts |= {
         "activations": activations / gib,
         "logits": logits / gib,
     }

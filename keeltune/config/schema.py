@@ -477,12 +477,23 @@ class QLoraConfig:
 
 
 @dataclass(kw_only=True)
+class Fsdp2Config:
+    """PyTorch FSDP2 settings: every parameter sharded on dim 0 over the ranks, bf16 compute where asked."""
+
+    reshard_after_forward: bool = True  # True: free each block's gathered weights after its forward (ZeRO-3);
+    # False: keep them until its backward (ZeRO-2: less communication, the model in the compute dtype held)
+    compile: bool = False  # torch.compile each transformer block (the first steps compile; GPUs gain most)
+    offload: Literal["none", "cpu"] = "none"  # cpu: parameters, gradients and optimizer state in host memory
+
+
+@dataclass(kw_only=True)
 class ShardingConfig:
     """How the model is spread over ranks: one of the backend registry's names (``keeltune.config.backends``:
-    ``ddp``, ``zero3``, ``qlora``), with the settings section of that backend."""
+    ``ddp``, ``zero3``, ``fsdp2``, ``qlora``), with the settings section of that backend."""
 
     backend: str = DEFAULT_BACKEND
     zero3: Zero3Config = field(default_factory=Zero3Config)
+    fsdp2: Fsdp2Config = field(default_factory=Fsdp2Config)
     qlora: QLoraConfig = field(default_factory=QLoraConfig)
 
     def __post_init__(self) -> None:

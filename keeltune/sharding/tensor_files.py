@@ -7,11 +7,13 @@ so host memory stays at about one tensor whatever the model's size.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -130,3 +132,25 @@ def model_tensor_files(folder: Path) -> dict[str, TensorFile]:
         handle = TensorFile(single)
         return {name: handle for name in handle.names()}
     raise FileNotFoundError(f"{folder}: no model.safetensors (keeltune loads safetensors weights only)")
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+
+@contextlib.contextmanager
+def large_allocations_returned() -> Iterator[None]:
+    """While streaming weights, let glibc give every block over 1 MiB straight back to the system.
+
+    Its default threshold adapts upwards as big blocks are freed, after which freed tensors stay in the heap
+    and a rank's peak memory grows with every module loaded (measured: +300 MB instead of +23 MB for a
+    222 MB model on 2 ranks). Afterwards the threshold is left at glibc's own upper bound (32 MiB)."""
+    libc = None
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)

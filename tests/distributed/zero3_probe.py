@@ -15,7 +15,8 @@ from keeltune.config import load_config
 from keeltune.config.plan import deepspeed_config, model_hidden_size
 from keeltune.distributed import ParallelEnv, exit_rank
 from keeltune.sharding.model import causal_lm_config
-from keeltune.sharding.zero3.loading import large_allocations_returned, load_partitioned_model
+from keeltune.sharding.tensor_files import large_allocations_returned
+from keeltune.sharding.zero3.loading import load_partitioned_model
 from keeltune.sharding.zero3.ops import build_ops
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 import psutil
 from keeltune.sharding.zero3.export import consolidate
-from keeltune.sharding.zero3.loading import large_allocations_returned
+from keeltune.sharding.tensor_files import large_allocations_returned
 Path("/proc/self/clear_refs").write_text("5")
 before = psutil.Process().memory_info().rss
 with large_allocations_returned():

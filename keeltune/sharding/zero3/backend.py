@@ -25,8 +25,9 @@ from keeltune.sharding.model import (
     enable_activation_checkpointing,
     reset_optimizer_state,
 )
+from keeltune.sharding.tensor_files import large_allocations_returned
 from keeltune.sharding.zero3.export import BUFFERS_FILE, LAYOUT_FILE, consolidate, partition_file
-from keeltune.sharding.zero3.loading import large_allocations_returned, load_partitioned_model
+from keeltune.sharding.zero3.loading import load_partitioned_model
 from keeltune.sharding.zero3.ops import build_ops, needed_ops
 
 DEEPSPEED_TAG = "zero"
@@ -205,7 +206,8 @@ class Zero3Backend:
             raise ConfigError(
                 f"{folder}: this ZeRO-3 checkpoint was written by {saved} rank(s) and its optimizer state is "
                 f"partitioned that way; resume with {saved} rank(s) (e.g. --nproc {saved} or "
-                f"nodes x gpus_per_node = {saved}), or `keeltune export` it and start a new run from the export"
+                f"nodes x gpus_per_node = {saved}), or `keeltune export` it and start a new run from the export. "
+                "Runs with sharding.backend: fsdp2 resume on any number of ranks"
             )
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False

@@ -11,8 +11,7 @@ import torch
 
 from keeltune.config import Config
 from keeltune.sharding.model import causal_lm_config
-from keeltune.sharding.tensor_files import TensorFile, write_tensor_file
-from keeltune.sharding.zero3.loading import large_allocations_returned
+from keeltune.sharding.tensor_files import TensorFile, large_allocations_returned, write_tensor_file
 
 LAYOUT_FILE = "zero_layout.json"
 BUFFERS_FILE = "zero_buffers.safetensors"

@@ -3,9 +3,6 @@ rank ever holds the whole model."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +12,6 @@ from keeltune.config import Config, ConfigError
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.model import causal_lm_config
 from keeltune.sharding.tensor_files import model_tensor_files
-
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-
-
-@contextlib.contextmanager
-def large_allocations_returned() -> Iterator[None]:
-    """While streaming weights, let glibc give every block over 1 MiB straight back to the system.
-
-    Its default threshold adapts upwards as big blocks are freed, after which freed tensors stay in the heap
-    and a rank's peak memory grows with every module loaded (measured: +300 MB instead of +23 MB for a
-    222 MB model on 2 ranks). Afterwards the threshold is left at glibc's own upper bound (32 MiB)."""
-    libc = None
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            libc.malloc_trim(0)
 
 
 def load_partitioned_model(
