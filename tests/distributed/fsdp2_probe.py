@@ -1,6 +1,10 @@
-"""Run under torchrun by test_fsdp2: build the sharded model of a config on every rank and report, as one JSON
-line per rank, how much of it the rank holds, whether every parameter is a DTensor sharded on dim 0, and what
-loading cost in resident memory."""
+"""Run under torchrun by test_fsdp2, one JSON line per rank and config:
+
+- ``load CONFIG``: build the sharded model and report how much of it the rank holds, whether every parameter is
+  a DTensor sharded on dim 0, and what loading cost in resident memory;
+- ``states CONFIG...``: build the backend of each config, train a step and a backward, and report the bytes of
+  the states the rank then holds (its rows of the weights, gradients and optimizer moments) beside the
+  dry-run estimate's."""
 
 from __future__ import annotations
 
@@ -27,11 +31,60 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def held_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's rows of every parameter, gradient and optimizer state tensor."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = [local(p) for p in model.parameters()] + [
+        local(p.grad) for p in model.parameters() if p.grad is not None
+    ]
+    tensors += [
+        local(v)
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim()
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def states(paths: list[str], parallel: ParallelEnv) -> None:
+    from keeltune.config.plan import estimate_gpu_memory
+    from keeltune.eval.evaluate import token_nll
+    from keeltune.sharding.backends import build_backend
+
+    for path in paths:
+        config = load_config(path)
+        backend = build_backend(config, parallel)
+        ids = torch.randint(3, 500, (1, 17))
+
+        def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+            return token_nll(logits, ids[:, 1:], torch.ones(1, 16)) / 16
+
+        backend.forward_backward(ids[:, :-1], loss_fn, sync_grads=True)
+        backend.step(1e-3)
+        backend.forward_backward(ids[:, :-1], loss_fn, sync_grads=True)
+        estimate = estimate_gpu_memory(config, parallel.world_size)["model and optimizer states"] * 1024**3
+        report = {
+            "rank": parallel.rank,
+            "config": path,
+            "held": held_state_bytes(backend.model, backend.optimizer),
+            "estimate": estimate,
+        }
+        print("FSDP2_PROBE " + json.dumps(report), flush=True)
+        parallel.barrier()
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    config = load_config(sys.argv[1])
     parallel = ParallelEnv.from_environment()
     parallel.ensure_process_group()
+    if sys.argv[1] == "states":
+        states(sys.argv[2:], parallel)
+        parallel.close()
+        return
+    config = load_config(sys.argv[2])
     mesh = init_device_mesh("cpu", (parallel.world_size,))
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

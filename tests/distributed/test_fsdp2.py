@@ -201,7 +201,7 @@ def test_each_rank_holds_its_rows_and_loading_never_materialises_the_model(
     probe = Path(__file__).with_name("fsdp2_probe.py")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe),
-         str(write_config(tmp_path / "big.yaml", cfg))],
+         "load", str(write_config(tmp_path / "big.yaml", cfg))],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -213,3 +213,39 @@ def test_each_rank_holds_its_rows_and_loading_never_materialises_the_model(
         assert abs(report["held"] / report["total"] - 0.5) <= 0.05
         assert report["load_rss_growth"] < 0.6 * report["model_bytes"], report
     assert sum(r["held"] for r in reports) == reports[0]["total"]
+
+
+def test_the_dry_run_estimate_of_per_rank_states_matches_what_ranks_hold(
+    tmp_path: Path, assets: dict
+) -> None:
+    """Two model shapes, neither used to set the estimate's 16 B / parameter / rank (fp32 weights, gradients
+    and AdamW's two moments): each rank's measured rows of them within 15% of the estimate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    paths = []
+    for name, hidden, layers, vocab, tied in (("wide", 256, 2, 512, True), ("deep", 96, 6, 1024, False)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tied,
+            )
+        )  # fmt: skip
+        model.save_pretrained(tmp_path / name)
+        cfg = fsdp2_config(assets, tmp_path / "runs", name)
+        cfg["model"] = {"path": str(tmp_path / name), "tokenizer": str(assets["model"])}
+        cfg["training"]["precision"] = "fp32"
+        paths.append(str(write_config(tmp_path / f"{name}.yaml", cfg)))
+    probe = Path(__file__).with_name("fsdp2_probe.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe),
+         "states", *paths],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(found) for found in re.findall(r"FSDP2_PROBE (\{[^{}]*\})", done.stdout)]
+    assert sorted((r["config"], r["rank"]) for r in reports) == sorted((p, r) for p in paths for r in (0, 1))
+    for report in reports:
+        print(f"{Path(report['config']).stem} rank {report['rank']}: held {report['held']} B, "
+              f"estimated {report['estimate']:.0f} B")  # fmt: skip
+        assert abs(report["held"] / report["estimate"] - 1) <= 0.15, report

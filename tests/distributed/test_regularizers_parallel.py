@@ -1,6 +1,6 @@
 """KL to the base, L2-SP, EWC and counterfactual consistency through the real CLI: logged every step, and 2
 gloo ranks give the same task loss, penalties and Fisher as 1 rank (penalties are added once per optimizer step,
-after the gradient reduction), also under 2-rank ZeRO-3, where parameters, gradients, anchors and the Fisher
+after the gradient reduction), also under 2-rank ZeRO-3 and FSDP2, where parameters, gradients, anchors and the Fisher
 are partitioned (and consistency's twin forward runs inside the training step)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PENALTIES = {
         "consistency": {"weight": 1.0},
     },  # EWC is refused under qlora
 }
-PENALTIES["zero3"] = PENALTIES["ddp"]
+PENALTIES["zero3"] = PENALTIES["fsdp2"] = PENALTIES["ddp"]
 ANCHORED = ("kl", "l2sp", "ewc")  # zero at the pretrained weights; consistency is not
 
 
@@ -48,6 +48,12 @@ def zero3_fisher(run_dir: Path, shapes: dict[str, torch.Size], world: int) -> di
         name: torch.cat([p[name].reshape(-1) for p in parts])[: shape.numel()].reshape(shape)
         for name, shape in shapes.items()
     }
+
+
+def fsdp2_fisher(run_dir: Path, world: int) -> dict[str, torch.Tensor]:
+    """The whole Fisher from each rank's rows (dim 0)."""
+    parts = [load_file(run_dir / f"ewc_fisher-rank{r:05d}-of-{world:05d}.safetensors") for r in range(world)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 def _train(assets: dict, root: Path, name: str, backend: str, nproc: int) -> SharedRun:
@@ -86,15 +92,16 @@ def _train_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-@pytest.mark.parametrize("backend", ["ddp", "qlora", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "qlora", "zero3", "fsdp2"])
 def test_penalties_on_two_ranks_match_one_rank(
     assets: dict, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    """zero3: 2 ZeRO-3 ranks against 1 plain process (ddp); the others: 2 ranks against 1 of the same backend."""
-    assert PENALTIES["zero3"] is PENALTIES["ddp"]  # so the ddp reference is zero3's too
+    """zero3, fsdp2: 2 partitioned ranks against 1 plain process (ddp); the others: 2 ranks against 1 of the
+    same backend."""
+    assert PENALTIES["zero3"] is PENALTIES["fsdp2"] is PENALTIES["ddp"]  # so the ddp reference is theirs too
     reference = (
         request.getfixturevalue("ddp_one_rank").run_dir
-        if backend in ("ddp", "zero3")
+        if backend in ("ddp", "zero3", "fsdp2")
         else _train(assets, tmp_path, "reg1", backend, 1).run_dir
     )
     two_rank_dir = _train(assets, tmp_path, "reg2", backend, 2).run_dir
@@ -110,13 +117,13 @@ def test_penalties_on_two_ranks_match_one_rank(
     for step in one:
         for key in keys:
             assert abs(one[step][key] - two[step][key]) < 1e-5, (step, key, one[step][key], two[step][key])
-    if backend in ("ddp", "zero3"):
+    if backend != "qlora":
         one_rank = load_file(reference / FISHER_FILE)
-        two_ranks = (
-            zero3_fisher(two_rank_dir, {n: t.shape for n, t in one_rank.items()}, 2)
-            if backend == "zero3"
-            else load_file(two_rank_dir / FISHER_FILE)
-        )
+        two_ranks = {
+            "zero3": lambda: zero3_fisher(two_rank_dir, {n: t.shape for n, t in one_rank.items()}, 2),
+            "fsdp2": lambda: fsdp2_fisher(two_rank_dir, 2),
+            "ddp": lambda: load_file(two_rank_dir / FISHER_FILE),
+        }[backend]()
         assert one_rank.keys() == two_ranks.keys()
         assert sum(float(t.sum()) for t in one_rank.values()) > 0
         for name, tensor in one_rank.items():

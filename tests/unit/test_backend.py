@@ -1,4 +1,5 @@
-"""The data-parallel backend in one process: gradient checkpointing and bf16 autocast change no results."""
+"""The ddp and fsdp2 backends in one process: gradient checkpointing and bf16 compute change no results (fsdp2:
+a one-rank mesh, its gradients DTensors); the registry's entries and their settings."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.conftest import base_config
 def _loss_and_grads(assets: dict, tmp_path: Path, **overrides) -> tuple[float, dict[str, torch.Tensor]]:
     raw = base_config(assets, tmp_path)
     for section, values in overrides.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     backend = build_backend(config_from_dict(raw), ParallelEnv())
     backend.train(True)
     torch.manual_seed(0)
@@ -26,22 +27,37 @@ def _loss_and_grads(assets: dict, tmp_path: Path, **overrides) -> tuple[float, d
     loss = backend.forward_backward(
         ids[:, :-1], lambda logits: token_nll(logits, ids[:, 1:], mask) / 64, sync_grads=True
     )
-    grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+    grads = {n: _whole(p.grad) for n, p in backend.model.named_parameters() if p.grad is not None}
     return float(loss), grads
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(assets: dict, tmp_path: Path) -> None:
-    loss, grads = _loss_and_grads(assets, tmp_path)
-    loss_ckpt, grads_ckpt = _loss_and_grads(assets, tmp_path, model={"gradient_checkpointing": True})
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_gradient_checkpointing_gives_the_same_gradients(assets: dict, tmp_path: Path, backend: str) -> None:
+    sharding = {"backend": backend}
+    loss, grads = _loss_and_grads(assets, tmp_path, sharding=sharding)
+    loss_ckpt, grads_ckpt = _loss_and_grads(
+        assets, tmp_path, sharding=sharding, model={"gradient_checkpointing": True}
+    )
     assert loss_ckpt == pytest.approx(loss, abs=1e-6)
     assert grads.keys() == grads_ckpt.keys() and len(grads) > 5
     for name in grads:
         assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-6, atol=1e-8), name
 
 
-def test_bf16_autocast_on_cpu_trains_close_to_fp32(assets: dict, tmp_path: Path) -> None:
-    loss, grads = _loss_and_grads(assets, tmp_path, training={"precision": "fp32"})
-    loss_bf16, grads_bf16 = _loss_and_grads(assets, tmp_path, training={"precision": "bf16"})
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_bf16_compute_on_cpu_trains_close_to_fp32(assets: dict, tmp_path: Path, backend: str) -> None:
+    """ddp: autocast; fsdp2: the mixed-precision policy (bf16 parameters for compute over fp32 masters)."""
+    sharding = {"backend": backend}
+    loss, grads = _loss_and_grads(assets, tmp_path, sharding=sharding, training={"precision": "fp32"})
+    loss_bf16, grads_bf16 = _loss_and_grads(
+        assets, tmp_path, sharding=sharding, training={"precision": "bf16"}
+    )
     assert loss_bf16 != loss  # really computed in bf16
     assert loss_bf16 == pytest.approx(loss, rel=2e-2)
     cosine = torch.nn.functional.cosine_similarity(
@@ -50,6 +66,20 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(assets: dict, tmp_path: Path)
         dim=0,
     )
     assert cosine > 0.95
+    assert all(g.dtype == torch.float32 for g in grads_bf16.values())  # reduced and kept in fp32
+
+
+def test_fsdp2_with_compiled_blocks_computes_what_eager_blocks_do(assets: dict, tmp_path: Path) -> None:
+    """sharding.fsdp2.compile: each block through torch.compile (the only compile on CPU in the suite: it costs
+    tens of seconds here)."""
+    sharding = {"backend": "fsdp2"}
+    loss, grads = _loss_and_grads(assets, tmp_path, sharding=sharding)
+    loss_compiled, grads_compiled = _loss_and_grads(
+        assets, tmp_path, sharding={**sharding, "fsdp2": {"compile": True}}
+    )
+    assert loss_compiled == pytest.approx(loss, abs=1e-5)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_compiled[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_every_registry_entry_names_a_module_that_builds_and_exports() -> None:
@@ -77,6 +107,11 @@ def test_unknown_backends_and_another_backends_settings_are_refused(assets: dict
     raw = base_config(assets, tmp_path, sharding={"backend": "ddp", "qlora": {"rank": 4}})
     with pytest.raises(
         ConfigError, match=r"sharding.qlora: settings for backend qlora, but backend is 'ddp'"
+    ):
+        config_from_dict(raw)
+    raw = base_config(assets, tmp_path, sharding={"backend": "zero3", "fsdp2": {"compile": True}})
+    with pytest.raises(
+        ConfigError, match=r"sharding.fsdp2: settings for backend fsdp2, but backend is 'zero3'"
     ):
         config_from_dict(raw)
     raw = base_config(assets, tmp_path, sharding={"backend": "qlora", "zero3": {"offload_optimizer": "cpu"}})
