@@ -2,12 +2,13 @@
 # keeltune GPU check on a single-GPU machine without network: installs what the image lacks from wheels
 # carried in bench/wheels (see bench/fetch_gpu_wheels.sh; git-ignored), then runs bench/gpu_check.py.
 #
-#   bash bench/gpu_check.sh                  # the full check on the GPU (about 6-8 minutes on one H100)
-#   bash bench/gpu_check.sh --tiny --no-install   # CPU logic check, seconds
+#   bash bench/gpu_check.sh                  # the full check on the GPU (about 5-6 minutes on one H100)
+#   bash bench/gpu_check.sh --tiny --no-install   # CPU logic check, 1-3 minutes on 2 cores
 #   bash bench/gpu_check.sh --tests            # the GPU tests (pytest tests/gpu) instead of the benchmark
 #
 # Every other argument goes to bench/gpu_check.py (--parts, --steps, --micro-batch, ...).
-# Results: $OUT/gpu_check.json when $OUT is set, else bench/gpu_check.json; a table at the end.
+# Results: $OUT/gpu_check.json when $OUT is set, else bench/gpu_check.json; a table at the end. The profile
+# part writes gpu_check_profile.json and its Chrome trace gpu_check_profile_trace.json[.gz] beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then  # the first interpreter that has torch
