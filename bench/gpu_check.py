@@ -597,6 +597,7 @@ def part_hf_qlora(work: Path, shape: Shape) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    model.config.use_cache = False  # keeltune's forward passes use_cache=False
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     build_s = time.perf_counter() - started
     args = _hf_arguments(work, shape, "hf_qlora", optim="adamw_torch", bf16=cuda, use_cpu=not cuda)

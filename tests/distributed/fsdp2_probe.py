@@ -59,7 +59,7 @@ def states(paths: list[str], parallel: ParallelEnv) -> None:
         backend = build_backend(config, parallel)
         ids = torch.randint(3, 500, (1, 17))
 
-        def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        def loss_fn(logits: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:
             return token_nll(logits, ids[:, 1:], torch.ones(1, 16)) / 16
 
         backend.forward_backward(ids[:, :-1], loss_fn, sync_grads=True)
