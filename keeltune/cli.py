@@ -346,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_tasks(config)
     check_probes(config)
     check_extended_vocabulary(config)
-    run_dir, checkpoint = prepare_run_dir(config)
+    run_dir, checkpoint = prepare_run_dir(config, args.nproc)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"
     print(f"run folder: {run_dir} ({where}, {args.nproc} rank(s))", file=sys.stderr)
     return run_local(run_dir, args.nproc)
@@ -357,7 +357,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     from keeltune.launcher.sbatch import render_sbatch
 
     config = _load_with_resources(args)
-    run_dir, _ = prepare_run_dir(config)
+    run_dir, _ = prepare_run_dir(config, config.slurm.world_size)
     args.output.write_text(render_sbatch(config, run_dir))
     args.output.chmod(0o755)
     print(f"wrote {args.output}: {config.slurm.nodes} node(s) x {_ranks_text(config)}, run folder {run_dir}")
@@ -404,11 +404,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if config.slurm.gpus_per_node and memory["total"] > 0.9 * config.slurm.gpu_memory_gb:
             print(
                 f"# WARNING: that is more than 90% of slurm.gpu_memory_gb={config.slurm.gpu_memory_gb:g}: it will "
-                "likely not fit; use more GPUs (zero3), sharding.zero3.offload_optimizer: cpu, "
+                "likely not fit; use more GPUs (zero3 or fsdp2), sharding.zero3.offload_optimizer: cpu, "
                 "model.gradient_checkpointing: true or a smaller micro_batch_size"
             )
         return 0
-    run_dir, checkpoint = prepare_run_dir(config)
+    run_dir, checkpoint = prepare_run_dir(config, ranks)
     run_id = submit.wandb_run_id(run_dir)
     record, job = submit.submit(config, run_dir, local=args.local)
     where = f"resuming from {checkpoint.name}" if checkpoint else "new run"

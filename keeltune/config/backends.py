@@ -38,6 +38,17 @@ class BackendSpec:
     adapters: bool = False  # trains adapters over a frozen base (export --merge gives the full model)
     describe: Callable[[Config, int], list[str]] | None = None  # extra lines `keeltune config` shows
     gathered_bytes: Bytes | None = None  # parameters gathered whole for compute, at the peak, per GPU
+    fixed_ranks: bool = False  # its checkpoints resume only on the number of ranks that wrote them
+
+
+def fixed_ranks_refusal(checkpoint: object, saved: int, backend: str) -> str:
+    """Why a checkpoint of a ``fixed_ranks`` backend written by ``saved`` ranks cannot resume on others."""
+    return (
+        f"{checkpoint}: this {backend} checkpoint was written by {saved} rank(s) and its optimizer state is "
+        f"partitioned that way; resume with {saved} rank(s) (e.g. --nproc {saved} or nodes x gpus_per_node = "
+        f"{saved}), or `keeltune export` it and start a new run from the export. Runs with sharding.backend: "
+        "fsdp2 resume on any number of ranks"
+    )
 
 
 def _regularized(config: Config) -> tuple[bool, bool, bool]:
@@ -133,6 +144,7 @@ BACKENDS: dict[str, BackendSpec] = {
         settings="zero3",
         describe=deepspeed_summary,
         gathered_bytes=_zero3_gathered,
+        fixed_ranks=True,
     ),
     "fsdp2": BackendSpec(
         module="keeltune.sharding.fsdp2",

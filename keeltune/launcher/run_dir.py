@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import yaml
 
 from keeltune.atomic import write_atomically
-from keeltune.config import RESUME_MUTABLE, Config, ConfigError, resume_differences
-from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, logs_dir
+from keeltune.config import RESUME_MUTABLE, Config, ConfigError, backend_spec, resume_differences
+from keeltune.config.backends import fixed_ranks_refusal
+from keeltune.run_folder import BASELINE_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, logs_dir
 from keeltune.training.manifest import damaged_checkpoints, newest_intact, no_intact_checkpoint
 
 
-def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
+def prepare_run_dir(config: Config, ranks: int | None = None) -> tuple[Path, Path | None]:
     """Write the resolved config into ``runs/<name>/``; return the folder and the checkpoint to resume from.
 
     The checkpoint is the newest whose files have their manifest's sizes (the job checks checksums too, and
-    moves damaged ones aside); a run whose checkpoints are all damaged is refused rather than started over."""
+    moves damaged ones aside); a run whose checkpoints are all damaged is refused rather than started over, and
+    so is a resume on ``ranks`` ranks from a checkpoint that only loads on the number that wrote it."""
     config.run.root = str(Path(config.run.root).resolve())
     run_dir = config.run_dir
     checkpoint, failed = newest_intact(run_dir, checksums=False)
@@ -29,6 +32,10 @@ def prepare_run_dir(config: Config) -> tuple[Path, Path | None]:
     if checkpoint is None and (failed or damaged_checkpoints(run_dir)):
         moved = [note["checkpoint"] for note in damaged_checkpoints(run_dir)]
         raise no_intact_checkpoint(run_dir, [folder.name for folder, _ in failed] + moved)
+    if checkpoint is not None and ranks is not None and backend_spec(config).fixed_ranks:
+        written = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", ranks)
+        if written != ranks:
+            raise ConfigError(fixed_ranks_refusal(checkpoint, written, config.sharding.backend))
     saved = run_dir / CONFIG_FILE
     if checkpoint is not None and saved.is_file():
         differences = resume_differences(yaml.safe_load(saved.read_text()), config.to_dict())

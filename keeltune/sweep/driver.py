@@ -237,7 +237,7 @@ class Driver:
         try:
             config = trial_config(self.sweep, trial.number, params)
             check_world_size(config, config.slurm.world_size)
-            run_dir, checkpoint = prepare_run_dir(config)
+            run_dir, checkpoint = prepare_run_dir(config, config.slurm.world_size)
             record, _ = submit.submit(config, run_dir, local=self.local)
         except ConfigError as err:
             self.fail(trial, f"its config is impossible: {err}")

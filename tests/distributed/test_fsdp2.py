@@ -208,6 +208,9 @@ def test_each_rank_holds_its_rows_and_loading_never_materialises_the_model(
     reports = [json.loads(found) for found in re.findall(r"FSDP2_PROBE (\{[^{}]*\})", done.stdout)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for report in reports:
+        print(
+            f"rank {report['rank']}: loading grew RSS by {report['load_rss_growth'] / report['model_bytes']:.2f}x"
+        )
         assert 200e6 < report["model_bytes"] < 240e6
         assert report["all_dtensors_on_dim0"]
         assert abs(report["held"] / report["total"] - 0.5) <= 0.05

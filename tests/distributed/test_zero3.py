@@ -178,6 +178,7 @@ def test_sigkill_after_a_checkpoint_resumes_exactly_and_other_rank_counts_are_re
     refused = keeltune("train", str(cfg), "--nproc", "1")
     assert refused.returncode == 2
     assert "written by 2 rank(s)" in refused.stderr and "resume with 2 rank(s)" in refused.stderr
+    assert "fsdp2 resume on any number of ranks" in refused.stderr  # refused before any rank starts
     logged = (run_dir / "logs" / "rank0.log").read_text()
     _train(cfg, 2)
     resumed = (run_dir / "logs" / "rank0.log").read_text()[len(logged) :]

@@ -19,15 +19,19 @@ def _loss_and_grads(assets: dict, tmp_path: Path, **overrides) -> tuple[float, d
     raw = base_config(assets, tmp_path)
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
-    backend = build_backend(config_from_dict(raw), ParallelEnv())
-    backend.train(True)
-    torch.manual_seed(0)
-    ids = torch.randint(3, 500, (2, 33))
-    mask = torch.ones(2, 32)
-    loss = backend.forward_backward(
-        ids[:, :-1], lambda logits: token_nll(logits, ids[:, 1:], mask) / 64, sync_grads=True
-    )
-    grads = {n: _whole(p.grad) for n, p in backend.model.named_parameters() if p.grad is not None}
+    parallel = ParallelEnv()
+    try:  # fsdp2 asks for a one-rank process group: destroyed after, as a run's rank does
+        backend = build_backend(config_from_dict(raw), parallel)
+        backend.train(True)
+        torch.manual_seed(0)
+        ids = torch.randint(3, 500, (2, 33))
+        mask = torch.ones(2, 32)
+        loss = backend.forward_backward(
+            ids[:, :-1], lambda logits: token_nll(logits, ids[:, 1:], mask) / 64, sync_grads=True
+        )
+        grads = {n: _whole(p.grad) for n, p in backend.model.named_parameters() if p.grad is not None}
+    finally:
+        parallel.close()
     return float(loss), grads
 
 

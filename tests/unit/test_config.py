@@ -126,7 +126,7 @@ def test_wrong_type_names_key_line_and_expectation(tmp_path: Path) -> None:
     assert str(err.value) == f"{path}:11: training.micro_batch_size: expected int, got str 'four'"
     with pytest.raises(
         ConfigError,
-        match=r"sharding.backend: 'zero' is not one of \['ddp', 'zero3', 'qlora'\] \(did you mean 'zero3'\?\)",
+        match=r"sharding.backend: 'zero' is not one of \['ddp', 'zero3', 'fsdp2', 'qlora'\] \(did you mean 'zero3'\?\)",
     ):
         load_config(write(tmp_path, MINIMAL + "sharding:\n  backend: zero\n"))
     with pytest.raises(

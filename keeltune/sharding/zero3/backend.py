@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from keeltune.config import Config, ConfigError
+from keeltune.config.backends import fixed_ranks_refusal
 from keeltune.config.plan import deepspeed_config, model_hidden_size
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.base import LocalParameter
@@ -203,12 +204,7 @@ class Zero3Backend:
             )
         saved = json.loads(layout_file.read_text())["world_size"]
         if saved != self.parallel.world_size:
-            raise ConfigError(
-                f"{folder}: this ZeRO-3 checkpoint was written by {saved} rank(s) and its optimizer state is "
-                f"partitioned that way; resume with {saved} rank(s) (e.g. --nproc {saved} or "
-                f"nodes x gpus_per_node = {saved}), or `keeltune export` it and start a new run from the export. "
-                "Runs with sharding.backend: fsdp2 resume on any number of ranks"
-            )
+            raise ConfigError(fixed_ranks_refusal(folder, saved, "ZeRO-3"))
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
