@@ -49,8 +49,9 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def _shard(model: torch.nn.Module, mesh: Any, config: Config, parallel: ParallelEnv) -> None:
-    """``fully_shard`` each block, then the root (embeddings, final norm, output layer)."""
+def _shard(model: torch.nn.Module, mesh: Any, config: Config, parallel: ParallelEnv) -> torch.device:
+    """``fully_shard`` each block, then the root (embeddings, final norm, output layer); returns the device the
+    shards live on (the host with offload)."""
     settings = config.sharding.fsdp2
     compute = autocast_dtype(config.training.precision, parallel.device)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
@@ -76,6 +77,7 @@ def _shard(model: torch.nn.Module, mesh: Any, config: Config, parallel: Parallel
         model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, mp_policy=policy,
         offload_policy=offload,
     )  # fmt: skip
+    return torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else parallel.device
 
 
 def local_rows(param: DTensor) -> tuple[int, int]:
@@ -104,8 +106,7 @@ def build_sharded_model(config: Config, mesh: Any, parallel: ParallelEnv) -> tor
     buffers = _computed_buffers(model, model_config)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    _shard(model, mesh, config, parallel)
-    model.to_empty(device=parallel.device)
+    model.to_empty(device=_shard(model, mesh, config, parallel))
     files = model_tensor_files(Path(config.model.path))
     missing = [name for name, _ in model.named_parameters() if name not in files]
     if missing:  # every rank sees the same files, so every rank stops here together
@@ -124,6 +125,10 @@ def build_sharded_model(config: Config, mesh: Any, parallel: ParallelEnv) -> tor
         if source is None:
             raise ConfigError(f"model.path: {config.model.path}: no values for the buffer {name}")
         buffer.copy_(source)
+    for module in model.modules():  # buffers are used where the computation runs, offloaded or not
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(parallel.device)
     return model
 
 
