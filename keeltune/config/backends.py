@@ -110,10 +110,15 @@ def _zero3_regularizers(config: Config, shape: dict[str, int], ranks: int) -> fl
 
 
 def _qlora_states(config: Config, shape: dict[str, int], ranks: int) -> float:
-    lora = (
-        2 * config.sharding.qlora.rank * shape["hidden"] * 7 * shape["layers"]
-    )  # ~7 adapted matrices a layer
-    return 0.55 * shape["params"] + 16 * lora  # NF4 with double quantization; fp32 adapters with AdamW
+    """NF4 with double quantization on the blocks' matrices (0.5 + 1/64 + 4/16384 B per weight: codes, int8
+    scales, a factor per 256 scales), the other weights in fp32 (4 B), fp32 adapters with their AdamW moments
+    and gradients (16 B); all of it / ranks with ``shard_base``. The adapters: rank x (in + out) for each
+    adapted matrix, ~7 a block."""
+    qlora = config.sharding.qlora
+    lora = 2 * qlora.rank * shape["hidden"] * 7 * shape["layers"]
+    matrices = shape.get("block_matrices", shape["params"])
+    total = (0.5 + 1 / 64 + 4 / 16384) * matrices + 4 * (shape["params"] - matrices) + 16 * lora
+    return total / ranks if qlora.shard_base else total
 
 
 def _qlora_regularizers(config: Config, shape: dict[str, int], ranks: int) -> float:
@@ -121,6 +126,16 @@ def _qlora_regularizers(config: Config, shape: dict[str, int], ranks: int) -> fl
 
 
 def _check_qlora(config: Config) -> None:
+    if config.sharding.qlora.shard_base and config.regularization.l2sp.weight > 0:
+        raise ConfigError(
+            "regularization.l2sp: not supported with sharding.qlora.shard_base (the adapters' weight-change "
+            "penalty needs whole adapters on every rank); use regularization.kl or replay, or shard_base: false"
+        )
+    if config.sharding.qlora.shard_base and config.model.extend_vocabulary.enabled:
+        raise ConfigError(
+            "model.extend_vocabulary: not supported with sharding.qlora.shard_base (the new rows train through "
+            "peft's trainable tokens, which are not sharded); use shard_base: false or backend fsdp2"
+        )
     if config.regularization.ewc.weight > 0:
         raise ConfigError(
             "regularization.ewc: not supported with sharding.backend: qlora (gradients never reach the 4-bit "

@@ -80,7 +80,7 @@ def model_shape(model_path: str) -> dict[str, int]:
         if index.is_file()
         else [folder / "model.safetensors"]
     )
-    params = 0
+    params = block_matrices = 0  # all weights; the transformer blocks' matrices (what 4-bit quantizes)
     for path in files:
         try:
             with open(path, "rb") as handle:
@@ -89,6 +89,11 @@ def model_shape(model_path: str) -> dict[str, int]:
             raise ConfigError(f"model.path: cannot read the safetensors header of {path}: {err}") from None
         header.pop("__metadata__", None)
         params += sum(math.prod(entry["shape"]) for entry in header.values())
+        block_matrices += sum(
+            math.prod(entry["shape"])
+            for name, entry in header.items()
+            if ".layers." in name and len(entry["shape"]) == 2
+        )
     data = json.loads((folder / "config.json").read_text())
     data = data.get("text_config", data)
     return {
@@ -97,6 +102,7 @@ def model_shape(model_path: str) -> dict[str, int]:
         "layers": int(data.get("num_hidden_layers") or data.get("n_layer") or 1),
         "vocab": int(data.get("vocab_size") or 0),
         "tied": int(bool(data.get("tie_word_embeddings", False))),
+        "block_matrices": block_matrices,
     }
 
 

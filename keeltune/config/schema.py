@@ -464,8 +464,14 @@ class QLoraConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    shard_base: bool = False  # shard the 4-bit base over the ranks (torchao NF4 under FSDP2): 1/N per rank
 
     def __post_init__(self) -> None:
+        if self.shard_base and (self.quant_type != "nf4" or not self.double_quant):
+            raise ConfigError(
+                "shard_base: the sharded 4-bit base is torchao's NF4 with double quantization; set "
+                "quant_type: nf4 and double_quant: true, or shard_base: false"
+            )
         if self.rank < 1:
             raise ConfigError(f"rank: must be >= 1, got {self.rank}")
         if self.alpha <= 0:

@@ -49,11 +49,14 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def _shard(model: torch.nn.Module, mesh: Any, config: Config, parallel: ParallelEnv) -> torch.device:
+def _shard(
+    model: torch.nn.Module, mesh: Any, config: Config, parallel: ParallelEnv, *, cast: bool = True
+) -> torch.device:
     """``fully_shard`` each block, then the root (embeddings, final norm, output layer); returns the device the
-    shards live on (the host with offload)."""
+    shards live on (the host with offload). ``cast``: compute in ``training.precision``'s dtype (False: in the
+    parameters' own, as a 4-bit base that dequantizes itself)."""
     settings = config.sharding.fsdp2
-    compute = autocast_dtype(config.training.precision, parallel.device)
+    compute = autocast_dtype(config.training.precision, parallel.device) if cast else None
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     offload: OffloadPolicy = OffloadPolicy()
     if settings.offload == "cpu":
@@ -185,7 +188,7 @@ class Fsdp2Backend:
     def forward_backward(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool
     ) -> torch.Tensor:
-        self.model.set_requires_gradient_sync(sync_grads)  # accumulate unreduced until the last micro-batch
+        _gradient_sync(self.model, sync_grads)  # accumulate unreduced until the last micro-batch
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         loss = loss_fn(logits.float())
         loss.backward()
@@ -228,7 +231,7 @@ class Fsdp2Backend:
         """This rank's rows of every parameter (fp32); a gradient added lands in its rows of the reduced
         gradient before clipping, as under ddp."""
         return [
-            LocalParameter(name, param.to_local().detach(), _gradient_adder(param))
+            LocalParameter(name, _local(param).detach(), _gradient_adder(param))
             for name, param in self.model.named_parameters()
             if param.requires_grad
         ]
@@ -243,13 +246,13 @@ class Fsdp2Backend:
         for _, param in params:
             param.grad = None
         try:
-            self.model.set_requires_gradient_sync(True)
+            _gradient_sync(self.model, True)
             logits = self.model(input_ids=input_ids, use_cache=False).logits
             loss_fn(logits.float()).backward()
             return {
-                name: param.grad.to_local().detach().clone()
+                name: _local(param.grad).detach().clone()
                 if param.grad is not None
-                else torch.zeros_like(param.to_local())
+                else torch.zeros_like(_local(param))
                 for name, param in params
             }
         finally:
@@ -298,6 +301,16 @@ class Fsdp2Backend:
                 _whole(tensor)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor; a tensor that is not sharded (one rank's 4-bit base) itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    if hasattr(model, "set_requires_gradient_sync"):  # not sharded (one rank): nothing to reduce
+        model.set_requires_gradient_sync(sync)
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter gathered whole on every rank (a collective), as fp32 on the CPU."""
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -318,7 +331,7 @@ def _gradient_adder(param: torch.nn.Parameter) -> Callable[[torch.Tensor], None]
     def add(gradient: torch.Tensor) -> None:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        param.grad.to_local().add_(gradient.to(param.grad.dtype))
+        _local(param.grad).add_(gradient.to(param.grad.dtype))
 
     return add
 

@@ -133,6 +133,8 @@ def _linear_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A linear layer's weight as a fresh fp32 tensor, dequantized when it is 4-bit."""
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    if hasattr(layer.weight, "get_original_weight"):  # torchao's NF4 (qlora with shard_base)
+        return layer.weight.get_original_weight().float()
     return layer.weight.detach().float().clone()
 
 
@@ -282,7 +284,11 @@ class QLoraBackend(ReplicaBackend):
             write_adapter(self.model, folder / ADAPTER_DIR)
 
 
-def build(config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> QLoraBackend:
+def build(config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> Any:
+    if config.sharding.qlora.shard_base:
+        from keeltune.sharding.qlora_sharded import ShardedQLoraBackend
+
+        return ShardedQLoraBackend(config, parallel, keep_reference=keep_reference)
     return QLoraBackend(config, parallel, keep_reference=keep_reference)
 
 
@@ -292,6 +298,11 @@ def export_checkpoint(config: Config, checkpoint: Path, out: Path, *, merge: boo
     adapter_file = checkpoint / ADAPTER_FILE
     if not adapter_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {ADAPTER_FILE} (is this a checkpoint of a qlora run?)")
+    if config.sharding.qlora.shard_base:
+        from keeltune.sharding.qlora_sharded import export_adapters
+
+        export_adapters(config, adapter_file, out, merged_into=out / MERGED_DIR if merge else None)
+        return [out, out / MERGED_DIR] if merge else [out]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_lora_model(config, device)
     load_adapter_file(model, adapter_file)
