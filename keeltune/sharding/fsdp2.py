@@ -19,7 +19,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -232,7 +238,7 @@ class Fsdp2Backend:
         gradient before clipping, as under ddp."""
         return [
             LocalParameter(name, _local(param).detach(), _gradient_adder(param))
-            for name, param in self.model.named_parameters()
+            for name, param in resharded(self.model).named_parameters()
             if param.requires_grad
         ]
 
@@ -241,7 +247,7 @@ class Fsdp2Backend:
     ) -> dict[str, torch.Tensor]:
         """This rank's rows of the gradient, averaged over ranks: every rank must pass the same batch (then it
         is that batch's gradient). Leaves the parameters' gradients as they were."""
-        params = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        params = [(name, p) for name, p in resharded(self.model).named_parameters() if p.requires_grad]
         kept = [p.grad for _, p in params]
         for _, param in params:
             param.grad = None
@@ -260,7 +266,7 @@ class Fsdp2Backend:
                 param.grad = grad
 
     def _state(self) -> dict[str, Any]:
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(resharded(self.model), self.optimizer)
         return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
 
     def save(self, folder: Path) -> None:
@@ -285,7 +291,7 @@ class Fsdp2Backend:
 
     def export(self, folder: Path) -> None:
         """Rank 0 writes one safetensors file, gathering one tensor at a time (all ranks take part)."""
-        tensors = dict(_exported_tensors(self.model))
+        tensors = dict(_exported_tensors(resharded(self.model)))
         with large_allocations_returned():
             self._write_export(folder, tensors)
         self.parallel.barrier()
@@ -304,6 +310,15 @@ class Fsdp2Backend:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a sharded tensor; a tensor that is not sharded (one rank's 4-bit base) itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every FSDP unit's parameters back to their shards: a unit that keeps its gathered weights
+    after a forward (the root, or ``reshard_after_forward: false``) otherwise shows those as its parameters."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
 
 
 def _gradient_sync(model: torch.nn.Module, sync: bool) -> None:

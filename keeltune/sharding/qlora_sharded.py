@@ -37,6 +37,7 @@ from keeltune.sharding.fsdp2 import (
     _shard,
     _whole,
     local_rows,
+    resharded,
 )
 from keeltune.sharding.model import add_neftune, decay_groups, enable_activation_checkpointing
 from keeltune.sharding.qlora import ADAPTER_DIR, ADAPTER_FILE, compute_dtype, lora_config
@@ -220,20 +221,24 @@ class ShardedQLoraBackend(Fsdp2Backend):
         self.model.train(False)
         try:
             with self.model.disable_adapter():
-                return self.model(input_ids=input_ids, use_cache=False).logits.float()
+                logits = self.model(input_ids=input_ids, use_cache=False).logits.float()
+                # peft turns the adapters' requires_grad back on when the context ends: that must reach the
+                # shards, not the gathered copies a unit that keeps them after its forward shows meanwhile
+                resharded(self.model)
+            return logits
         finally:
             self.model.train(mode)
 
     def _state(self) -> dict[str, Any]:
         options = StateDictOptions(ignore_frozen_params=True)  # the base is read again from model.path
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+        model_state, optimizer_state = get_state_dict(resharded(self.model), self.optimizer, options=options)
         return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
 
     def _adapters(self) -> dict[str, torch.Tensor]:
         """The whole adapters (gathered on every rank, a collective), named as the qlora backend names them."""
         return {
             name: _whole(param).contiguous()
-            for name, param in self.model.named_parameters()
+            for name, param in resharded(self.model).named_parameters()
             if param.requires_grad
         }
 
