@@ -11,7 +11,6 @@ Checkpoints hold the adapters only: the whole adapter file (as the ``qlora`` bac
 
 from __future__ import annotations
 
-import logging
 import math
 import zlib
 from pathlib import Path
@@ -43,7 +42,6 @@ from keeltune.sharding.model import add_neftune, decay_groups, enable_activation
 from keeltune.sharding.qlora import ADAPTER_DIR, ADAPTER_FILE, compute_dtype, lora_config
 from keeltune.sharding.tensor_files import large_allocations_returned, model_tensor_files
 
-logging.getLogger("torchao").setLevel(logging.ERROR)  # optional GPU kernels it cannot load on this machine
 BLOCK, SCALER_BLOCK = 64, 256  # NF4: one scale per 64 weights, the scales int8 in groups of 256
 QUANTUM = BLOCK * SCALER_BLOCK  # a rank's rows of a weight must be whole groups of this many elements
 
