@@ -1,4 +1,5 @@
-"""Shared set-up of the ZeRO-3 benchmarks: a random-init Llama, its tokenizer and data, a run folder, torchrun.
+"""Shared set-up of the ZeRO-3 and FSDP2 benchmarks: a random-init Llama, its tokenizer and data, a run folder,
+torchrun, storage counting.
 
 The parent process builds everything once in a temporary folder; the ranks (started with torch's launcher on
 this same script) only read it.
@@ -21,8 +22,10 @@ from keeltune.demo.tokenizer import train_tokenizer
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1408, 2048
 
 
-def make_assets(workdir: Path) -> tuple[Path, Path]:
-    """The model folder (random-init Llama, tokenizer beside it) and a JSONL of general text."""
+def make_assets(
+    workdir: Path, hidden: int = HIDDEN, layers: int = LAYERS, intermediate: int = INTERMEDIATE
+) -> tuple[Path, Path]:
+    """The model folder (random-init Llama of this shape, tokenizer beside it) and a JSONL of general text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     texts = corpora.general_corpus()["train"]
@@ -30,9 +33,9 @@ def make_assets(workdir: Path) -> tuple[Path, Path]:
     tokenizer = train_tokenizer(texts, VOCAB, model)
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=8,
         vocab_size=len(tokenizer),
@@ -69,6 +72,24 @@ def run_config(workdir: Path, model: Path, data: Path, name: str, **training: An
             "logging": {"every_steps": 1, "wandb": {"mode": "disabled"}},
         }
     )
+
+
+class Storages:
+    """Bytes per category, each storage counted once (by its data pointer) across all categories."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.bytes: dict[str, int] = {}
+
+    def add(self, category: str, tensor: torch.Tensor | None) -> None:
+        self.bytes.setdefault(category, 0)
+        if tensor is None or not torch.is_tensor(tensor):
+            return
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in self.seen:
+            return
+        self.seen.add(storage.data_ptr())
+        self.bytes[category] += storage.nbytes()
 
 
 def join_one_rank_group() -> None:

@@ -30,29 +30,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zero3_common import HIDDEN, LAYERS, join_one_rank_group, make_assets, run_config, torchrun  # noqa: E402
+from zero3_common import (  # noqa: E402
+    HIDDEN,
+    LAYERS,
+    Storages,
+    join_one_rank_group,
+    make_assets,
+    run_config,
+    torchrun,
+)
 
 from keeltune.launcher.run_dir import prepare_run_dir  # noqa: E402
 
 RANKS = (1, 2, 4)
-
-
-class Storages:
-    """Bytes per category, each storage counted once (by its data pointer) across all categories."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.bytes: dict[str, int] = {}
-
-    def add(self, category: str, tensor: torch.Tensor | None) -> None:
-        self.bytes.setdefault(category, 0)
-        if tensor is None or not torch.is_tensor(tensor):
-            return
-        storage = tensor.untyped_storage()
-        if storage.nbytes() == 0 or storage.data_ptr() in self.seen:
-            return
-        self.seen.add(storage.data_ptr())
-        self.bytes[category] += storage.nbytes()
 
 
 def rank_main(run_dir: Path) -> None:
