@@ -305,3 +305,51 @@ def test_kl_reference_is_the_base_without_adapters_and_l2sp_is_the_effective_wei
             down = explicit()
             param[index] += eps
         assert float(param.grad[index]) == pytest.approx(2.0 / 2 * (up - down) / (2 * eps), rel=1e-2), index
+
+
+@pytest.mark.parametrize(
+    ("qlora", "regularization", "vocabulary", "match"),
+    [
+        (
+            {"quant_type": "fp4"},
+            {},
+            {},
+            r"sharding.qlora.shard_base: .*quant_type: nf4 and double_quant: true",
+        ),
+        ({"double_quant": False}, {}, {}, r"sharding.qlora.shard_base: .*double_quant: true"),
+        (
+            {},
+            {"l2sp": {"weight": 1.0}},
+            {},
+            r"regularization.l2sp: not supported with sharding.qlora.shard_base",
+        ),
+        ({}, {}, {"new_tokens": 8}, r"model.extend_vocabulary: not supported with sharding.qlora.shard_base"),
+    ],
+)
+def test_what_the_sharded_4bit_base_cannot_do_is_refused_at_config_time(
+    assets: dict, tmp_path: Path, qlora: dict, regularization: dict, vocabulary: dict, match: str
+) -> None:
+    from keeltune.config import ConfigError
+
+    raw = base_config(
+        assets, tmp_path, sharding={"backend": "qlora", "qlora": {"shard_base": True, **qlora}},
+        regularization=regularization,
+    )  # fmt: skip
+    if vocabulary:
+        raw["model"]["extend_vocabulary"] = vocabulary
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)
+
+
+def test_a_4bit_weight_that_does_not_split_into_whole_scale_groups_names_the_rank_counts_that_do() -> None:
+    """NF4 keeps one int8 scale per 64 weights, in groups of 256: a rank's rows must be whole groups of 16384."""
+    from torchao.quantization import to_nf4
+
+    from keeltune.config import ConfigError
+    from keeltune.sharding.qlora_sharded import check_shardable
+
+    model = torch.nn.Linear(256, 128, bias=False)
+    model.weight = torch.nn.Parameter(to_nf4(torch.randn(128, 256)), requires_grad=False)
+    check_shardable(model, 2)  # 64 rows x 256 = one group each
+    with pytest.raises(ConfigError, match=r"do not split into 3 equal row blocks.*one of \[1, 2\] ranks"):
+        check_shardable(model, 3)
