@@ -46,18 +46,20 @@ BLOCK, SCALER_BLOCK = 64, 256  # NF4: one scale per 64 weights, the scales int8 
 QUANTUM = BLOCK * SCALER_BLOCK  # a rank's rows of a weight must be whole groups of this many elements
 
 
-def check_shardable(model: torch.nn.Module, ranks: int) -> None:
-    """Every 4-bit weight splits into ``ranks`` equal row blocks of whole scale groups; otherwise say which
-    numbers of ranks would do."""
-    from torchao.quantization import NF4Tensor
-
-    shapes = {tuple(p.shape) for p in model.parameters() if isinstance(p.data, NF4Tensor)}
+def check_shardable(shapes: set[tuple[int, ...]], ranks: int) -> None:
+    """Every 4-bit weight (of these shapes) splits into ``ranks`` equal row blocks of whole scale groups;
+    otherwise say which numbers of ranks would do."""
 
     def fits(n: int) -> bool:
         return all(rows % n == 0 and (rows // n * cols) % QUANTUM == 0 for rows, cols in shapes)
 
     if not fits(ranks):
         working = [n for n in range(1, 129) if fits(n)]
+        if not working:
+            raise ConfigError(
+                f"sharding.qlora.shard_base: the 4-bit weights (shapes {sorted(shapes)[:4]}) are not whole groups "
+                f"of {QUANTUM} weights, which torchao's NF4 needs; use shard_base: false for this model"
+            )
         raise ConfigError(
             f"sharding.qlora.shard_base: the 4-bit weights (shapes {sorted(shapes)[:4]}) do not split into "
             f"{ranks} equal row blocks of whole {QUANTUM}-element scale groups; train on one of {working[:12]} "
@@ -65,16 +67,19 @@ def check_shardable(model: torch.nn.Module, ranks: int) -> None:
         )
 
 
+def _block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linear layers of the transformer blocks: the ones whose weights become 4-bit."""
+    from keeltune.sharding.fsdp2 import _layers
+
+    return [m for block in _layers(model) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def _nf4_placeholders(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Each transformer block's linear weights as NF4 on the meta device (filled in after sharding)."""
     from torchao.quantization import to_nf4
 
-    from keeltune.sharding.fsdp2 import _layers
-
-    for block in _layers(model):
-        for module in block.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(to_nf4(module.weight.to(dtype)), requires_grad=False)
+    for module in _block_linears(model):
+        module.weight = torch.nn.Parameter(to_nf4(module.weight.to(dtype)), requires_grad=False)
 
 
 def build_nf4_lora_model(config: Config, parallel: ParallelEnv, mesh: Any | None) -> torch.nn.Module:
@@ -85,6 +90,9 @@ def build_nf4_lora_model(config: Config, parallel: ParallelEnv, mesh: Any | None
     dtype = compute_dtype(config.sharding.qlora.compute_dtype, device)
     base = _meta_model(config)
     buffers = _computed_buffers(base, base.config)
+    check_shardable(
+        {tuple(m.weight.shape) for m in _block_linears(base)}, mesh.size() if mesh is not None else 1
+    )
     base.requires_grad_(False)
     with torch.device("meta"):
         _nf4_placeholders(base, dtype)
@@ -95,7 +103,6 @@ def build_nf4_lora_model(config: Config, parallel: ParallelEnv, mesh: Any | None
         enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     if mesh is not None and mesh.size() > 1:  # one rank: nothing to shard (FSDP2 cannot gather NF4 from one)
-        check_shardable(model, mesh.size())
         _shard(model, mesh, config, parallel, cast=False)
     model.to_empty(device=device)
     with torch.no_grad(), large_allocations_returned():
