@@ -231,7 +231,7 @@ class Fsdp2Backend:
         return self.reference(input_ids=input_ids, use_cache=False).logits.float()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in resharded(self.model).parameters() if p.requires_grad]
 
     def local_parameters(self) -> list[LocalParameter]:
         """This rank's rows of every parameter (fp32); a gradient added lands in its rows of the reduced
