@@ -8,10 +8,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keeltune.config.errors import ConfigError
-from keeltune.config.plan import deepspeed_summary
+from keeltune.config.plan import block_matrix_shapes, deepspeed_summary, weight_shapes
 
 if TYPE_CHECKING:
     from keeltune.config.schema import Config, ShardingConfig
@@ -39,6 +40,7 @@ class BackendSpec:
     describe: Callable[[Config, int], list[str]] | None = None  # extra lines `keeltune config` shows
     gathered_bytes: Bytes | None = None  # parameters gathered whole for compute, at the peak, per GPU
     fixed_ranks: bool = False  # its checkpoints resume only on the number of ranks that wrote them
+    check_ranks: Callable[[Config, int], None] = lambda config, ranks: None  # checks for a number of ranks
 
 
 def fixed_ranks_refusal(checkpoint: object, saved: int, backend: str) -> str:
@@ -125,6 +127,39 @@ def _qlora_regularizers(config: Config, shape: dict[str, int], ranks: int) -> fl
     return 0.0  # the base is the model with adapters off; anchors and changes are the adapters'
 
 
+NF4_GROUP = (
+    64 * 256
+)  # NF4: a scale per 64 weights, int8 scales in groups of 256: a rank's rows hold whole groups
+
+
+def check_shardable(shapes: list[list[int]], ranks: int) -> None:
+    """Every 4-bit matrix (``shapes``) splits into ``ranks`` equal row blocks of whole NF4 scale groups;
+    otherwise say which numbers of ranks would do."""
+
+    def fits(n: int) -> bool:
+        return all(rows % n == 0 and (rows // n * cols) % NF4_GROUP == 0 for rows, cols in shapes)
+
+    if fits(ranks):
+        return
+    distinct = sorted({tuple(shape) for shape in shapes})[:4]
+    working = [n for n in range(1, 129) if fits(n)]
+    if not working:
+        raise ConfigError(
+            f"sharding.qlora.shard_base: the 4-bit weights (shapes {distinct}) are not whole groups of "
+            f"{NF4_GROUP} weights, which torchao's NF4 needs; use shard_base: false for this model"
+        )
+    raise ConfigError(
+        f"sharding.qlora.shard_base: the 4-bit weights (shapes {distinct}) do not split into {ranks} equal row "
+        f"blocks of whole {NF4_GROUP}-weight scale groups; train on one of {working[:12]} ranks, or with "
+        "shard_base: false"
+    )
+
+
+def _check_qlora_ranks(config: Config, ranks: int) -> None:
+    if config.sharding.qlora.shard_base and Path(config.model.path).is_dir():
+        check_shardable(block_matrix_shapes(weight_shapes(config.model.path)), ranks)
+
+
 def _check_qlora(config: Config) -> None:
     if config.sharding.qlora.shard_base and config.regularization.l2sp.weight > 0:
         raise ConfigError(
@@ -175,6 +210,7 @@ BACKENDS: dict[str, BackendSpec] = {
         states_bytes=_qlora_states,
         regularizer_bytes=_qlora_regularizers,
         check=_check_qlora,
+        check_ranks=_check_qlora_ranks,
         settings="qlora",
         refuses={
             "zero3": "QLoRA with ZeRO-3 (sharding the 4-bit base) is not supported. Use backend: qlora alone "

@@ -7,6 +7,7 @@ import glob
 import tempfile
 from pathlib import Path
 
+from keeltune.config.backends import backend_spec
 from keeltune.config.schema import Config, ConfigError
 
 
@@ -14,7 +15,9 @@ def check_world_size(config: Config, world_size: int) -> int:
     """Fail before any work starts if the global batch cannot be made; return the accumulation steps."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
-    return config.training.gradient_accumulation(world_size)
+    accumulation = config.training.gradient_accumulation(world_size)
+    backend_spec(config).check_ranks(config, world_size)
+    return accumulation
 
 
 def check_paths(config: Config) -> None:

@@ -71,8 +71,8 @@ def deepspeed_config(config: Config, world_size: int, *, bf16: bool, hidden_size
     }
 
 
-def model_shape(model_path: str) -> dict[str, int]:
-    """Parameter count (from the safetensors headers: no weights read) and sizes from ``config.json``."""
+def weight_shapes(model_path: str) -> dict[str, list[int]]:
+    """Every weight's shape from a Hugging Face folder's safetensors headers (no weights read)."""
     folder = Path(model_path)
     index = folder / "model.safetensors.index.json"
     files = (
@@ -80,7 +80,7 @@ def model_shape(model_path: str) -> dict[str, int]:
         if index.is_file()
         else [folder / "model.safetensors"]
     )
-    params = block_matrices = 0  # all weights; the transformer blocks' matrices (what 4-bit quantizes)
+    shapes: dict[str, list[int]] = {}
     for path in files:
         try:
             with open(path, "rb") as handle:
@@ -88,12 +88,21 @@ def model_shape(model_path: str) -> dict[str, int]:
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path: cannot read the safetensors header of {path}: {err}") from None
         header.pop("__metadata__", None)
-        params += sum(math.prod(entry["shape"]) for entry in header.values())
-        block_matrices += sum(
-            math.prod(entry["shape"])
-            for name, entry in header.items()
-            if ".layers." in name and len(entry["shape"]) == 2
-        )
+        shapes.update({name: entry["shape"] for name, entry in header.items()})
+    return shapes
+
+
+def block_matrix_shapes(shapes: dict[str, list[int]]) -> list[list[int]]:
+    """The transformer blocks' matrices (what a 4-bit base quantizes): 2-D weights under ``.layers.``."""
+    return [shape for name, shape in shapes.items() if ".layers." in name and len(shape) == 2]
+
+
+def model_shape(model_path: str) -> dict[str, int]:
+    """Parameter count (from the safetensors headers: no weights read) and sizes from ``config.json``."""
+    folder = Path(model_path)
+    shapes = weight_shapes(model_path)
+    params = sum(math.prod(shape) for shape in shapes.values())
+    block_matrices = sum(math.prod(shape) for shape in block_matrix_shapes(shapes))
     data = json.loads((folder / "config.json").read_text())
     data = data.get("text_config", data)
     return {

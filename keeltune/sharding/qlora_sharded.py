@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from keeltune.config import Config, ConfigError
+from keeltune.config.backends import NF4_GROUP, check_shardable
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.fsdp2 import (
     DCP_FOLDER,
@@ -43,28 +44,6 @@ from keeltune.sharding.qlora import ADAPTER_DIR, ADAPTER_FILE, compute_dtype, lo
 from keeltune.sharding.tensor_files import large_allocations_returned, model_tensor_files
 
 BLOCK, SCALER_BLOCK = 64, 256  # NF4: one scale per 64 weights, the scales int8 in groups of 256
-QUANTUM = BLOCK * SCALER_BLOCK  # a rank's rows of a weight must be whole groups of this many elements
-
-
-def check_shardable(shapes: set[tuple[int, ...]], ranks: int) -> None:
-    """Every 4-bit weight (of these shapes) splits into ``ranks`` equal row blocks of whole scale groups;
-    otherwise say which numbers of ranks would do."""
-
-    def fits(n: int) -> bool:
-        return all(rows % n == 0 and (rows // n * cols) % QUANTUM == 0 for rows, cols in shapes)
-
-    if not fits(ranks):
-        working = [n for n in range(1, 129) if fits(n)]
-        if not working:
-            raise ConfigError(
-                f"sharding.qlora.shard_base: the 4-bit weights (shapes {sorted(shapes)[:4]}) are not whole groups "
-                f"of {QUANTUM} weights, which torchao's NF4 needs; use shard_base: false for this model"
-            )
-        raise ConfigError(
-            f"sharding.qlora.shard_base: the 4-bit weights (shapes {sorted(shapes)[:4]}) do not split into "
-            f"{ranks} equal row blocks of whole {QUANTUM}-element scale groups; train on one of {working[:12]} "
-            "ranks, or with shard_base: false"
-        )
 
 
 def _block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -171,7 +150,7 @@ def _nf4_rows(rows: torch.Tensor, scaler_mean: torch.Tensor) -> Any:
     group_max = get_block_absmax(centred, SCALER_BLOCK).unsqueeze(-1).expand(groups, SCALER_BLOCK)
     factor = 256 / (2 * group_max)
     scalers = (centred.view(groups, SCALER_BLOCK) * factor).round().clamp(-128, 127).flatten().to(torch.int8)
-    table = to_nf4(torch.ones(QUANTUM, dtype=rows.dtype, device=rows.device)).nf4  # torchao's 16 values
+    table = to_nf4(torch.ones(NF4_GROUP, dtype=rows.dtype, device=rows.device)).nf4  # torchao's 16 values
     data = NF4Tensor.convert_to_norm_float_weight(rows, flat.numel() // BLOCK, BLOCK, table)
     meta = SubclassTensorArgs(rows.size(), rows.stride(), 0, rows.dtype, rows.device, False)
     return NF4Tensor(

@@ -93,6 +93,12 @@ def test_two_ranks_train_resume_and_export_like_one_rank(
     assets: dict, small_model: Path, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
+    three = write_config(tmp_path / "three.yaml", sharded_config(assets, small_model, runs, "three"))
+    refused = keeltune("train", str(three), "--nproc", "3")  # 3 does not divide the 128-row k/v matrices
+    assert refused.returncode == 2 and "train on one of [1, 2] ranks" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    assert not (runs / "three").exists()  # refused before the run folder or any rank
     for name, ranks in (("one", 1), ("two", 2)):
         cfg = write_config(tmp_path / f"{name}.yaml", sharded_config(assets, small_model, runs, name))
         done = keeltune("train", str(cfg), "--nproc", str(ranks))

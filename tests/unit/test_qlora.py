@@ -344,10 +344,10 @@ def test_what_the_sharded_4bit_base_cannot_do_is_refused_at_config_time(
 def test_a_4bit_weight_that_does_not_split_into_whole_scale_groups_names_the_rank_counts_that_do() -> None:
     """NF4 keeps one int8 scale per 64 weights, in groups of 256: a rank's rows must be whole groups of 16384."""
     from keeltune.config import ConfigError
-    from keeltune.sharding.qlora_sharded import check_shardable
+    from keeltune.config.backends import check_shardable
 
-    check_shardable({(128, 256), (256, 128)}, 2)  # 64 x 256 rows each: one group
+    check_shardable([[128, 256], [256, 128]], 2)  # 64 x 256 rows each: one group
     with pytest.raises(ConfigError, match=r"do not split into 3 equal row blocks.*one of \[1, 2\] ranks"):
-        check_shardable({(128, 256)}, 3)
+        check_shardable([[128, 256]], 3)
     with pytest.raises(ConfigError, match=r"not whole groups of 16384 weights.*shard_base: false"):
-        check_shardable({(64, 64)}, 1)  # the test model's matrices: smaller than one group
+        check_shardable([[64, 64]], 1)  # the test model's matrices: smaller than one group
