@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -169,6 +169,8 @@ class Fsdp2Backend:
     """Full fine-tuning with FSDP2; the loop sees the same interface as the other backends."""
 
     partitioned = True  # each rank holds rows of every parameter and of its gradient
+    state_options: StateDictOptions | None = None  # which parameters checkpoints hold (None: all)
+    checkpoint_kind = "an FSDP2 checkpoint"
 
     def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
         parallel.ensure_process_group()
@@ -266,7 +268,9 @@ class Fsdp2Backend:
                 param.grad = grad
 
     def _state(self) -> dict[str, Any]:
-        model_state, optimizer_state = get_state_dict(resharded(self.model), self.optimizer)
+        model_state, optimizer_state = get_state_dict(
+            resharded(self.model), self.optimizer, options=self.state_options
+        )
         return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
 
     def save(self, folder: Path) -> None:
@@ -277,8 +281,8 @@ class Fsdp2Backend:
         """Restore what ``save`` wrote, on any number of ranks: each reads the rows it now holds."""
         if not (folder / DCP_FOLDER / ".metadata").is_file():
             raise ConfigError(
-                f"{folder}: not an FSDP2 checkpoint (no {DCP_FOLDER}/.metadata); was it written by another "
-                "backend?"
+                f"{folder}: not {self.checkpoint_kind} (no {DCP_FOLDER}/.metadata); was it written by another "
+                "backend or other sharding settings?"
             )
         state = self._state()
         dcp.load(state, checkpoint_id=folder / DCP_FOLDER)
@@ -287,6 +291,7 @@ class Fsdp2Backend:
             self.optimizer,
             model_state_dict=state[MODEL_KEY],
             optim_state_dict=state[OPTIMIZER_KEY],
+            options=self.state_options,
         )
 
     def export(self, folder: Path) -> None:

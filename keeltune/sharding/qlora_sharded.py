@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -28,9 +27,6 @@ from keeltune.config import Config, ConfigError
 from keeltune.config.backends import NF4_GROUP, check_shardable
 from keeltune.distributed import ParallelEnv
 from keeltune.sharding.fsdp2 import (
-    DCP_FOLDER,
-    MODEL_KEY,
-    OPTIMIZER_KEY,
     Fsdp2Backend,
     _computed_buffers,
     _meta_model,
@@ -180,6 +176,10 @@ def _init_adapters(model: torch.nn.Module, seed: int) -> None:
 class ShardedQLoraBackend(Fsdp2Backend):
     """LoRA over a 4-bit base that FSDP2 shards: each rank holds its rows of the base and of the adapters."""
 
+    # checkpoints hold the adapters and their optimizer state; the base is read again from model.path
+    state_options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    checkpoint_kind = "a checkpoint of qlora with shard_base"
+
     def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
         """``keep_reference`` costs nothing here: the reference is the base with the adapters disabled."""
         parallel.ensure_process_group()
@@ -213,11 +213,6 @@ class ShardedQLoraBackend(Fsdp2Backend):
         finally:
             self.model.train(mode)
 
-    def _state(self) -> dict[str, Any]:
-        options = StateDictOptions(ignore_frozen_params=True)  # the base is read again from model.path
-        model_state, optimizer_state = get_state_dict(resharded(self.model), self.optimizer, options=options)
-        return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
-
     def _adapters(self) -> dict[str, torch.Tensor]:
         """The whole adapters (gathered on every rank, a collective), named as the qlora backend names them."""
         return {
@@ -231,23 +226,7 @@ class ShardedQLoraBackend(Fsdp2Backend):
         adapters = self._adapters()
         if self.parallel.is_main:
             save_file(adapters, str(folder / ADAPTER_FILE))
-        dcp.save(self._state(), checkpoint_id=folder / DCP_FOLDER)
-
-    def load(self, folder: Path) -> None:
-        if not (folder / DCP_FOLDER / ".metadata").is_file():
-            raise ConfigError(
-                f"{folder}: not a checkpoint of qlora with shard_base (no {DCP_FOLDER}/.metadata); was it written "
-                "with shard_base: false or by another backend?"
-            )
-        state = self._state()
-        dcp.load(state, checkpoint_id=folder / DCP_FOLDER)
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state[MODEL_KEY],
-            optim_state_dict=state[OPTIMIZER_KEY],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False),
-        )
+        super().save(folder)
 
     def export(self, folder: Path) -> None:
         """The merged model in ``folder`` and the adapter in ``folder / "adapter"``, written by rank 0 from the
