@@ -1,11 +1,12 @@
 """QLoRA on a sharded 4-bit base (``sharding.qlora.shard_base``: torchao NF4 under FSDP2) over gloo processes:
 each rank holds half of the 4-bit base, the LoRA gradients equal one rank's, the states each rank holds match
-the dry-run estimate, and a 2-rank run through the CLI trains, resumes and exports like one rank's."""
+the dry-run estimate, and a 2-rank run through the CLI trains, resumes on one rank and exports."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,52 +90,48 @@ def test_each_rank_holds_half_the_4bit_base_and_lora_gradients_equal_one_ranks(
         assert float((halves[name] - grad).abs().max()) <= 1e-6 * max(float(scale), 1e-12) + 1e-12, name
 
 
-def test_two_ranks_train_resume_and_export_like_one_rank(
-    assets: dict, small_model: Path, tmp_path: Path
-) -> None:
+def test_two_ranks_train_resume_on_one_and_export(assets: dict, small_model: Path, tmp_path: Path) -> None:
+    """A 2-rank run through the CLI (KL to the base: the adapters toggled off and on under FSDP2), resumed from
+    its step-2 checkpoint on one rank: the same losses after it; the merged export computes what final/ does.
+    (The LoRA gradients of 2 ranks against one rank's: the probe test above.)"""
     runs = tmp_path / "runs"
-    three = write_config(tmp_path / "three.yaml", sharded_config(assets, small_model, runs, "three"))
+    three_ranks = sharded_config(assets, small_model, runs, "three")
+    three_ranks["training"]["global_batch_size"] = 6  # a batch 3 ranks can make
+    three = write_config(tmp_path / "three.yaml", three_ranks)
     refused = keeltune("train", str(three), "--nproc", "3")  # 3 does not divide the 128-row k/v matrices
     assert refused.returncode == 2 and "train on one of [1, 2] ranks" in refused.stderr, refused.stderr[
         -2000:
     ]
     assert not (runs / "three").exists()  # refused before the run folder or any rank
-    for name, ranks in (("one", 1), ("two", 2)):
-        cfg = write_config(tmp_path / f"{name}.yaml", sharded_config(assets, small_model, runs, name))
-        done = keeltune("train", str(cfg), "--nproc", str(ranks))
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = read_metrics(runs / "one"), read_metrics(runs / "two")
-    for expected, got in zip(one, two, strict=True):
-        for key, value in expected.items():
-            if "loss" in key or key == "train/kl":
-                assert abs(got[key] - value) <= 1e-5, (expected["step"], key, got[key], value)
-    assert train_losses(runs / "two")[STEPS] < train_losses(runs / "two")[1]
+    cfg = write_config(tmp_path / "two.yaml", sharded_config(assets, small_model, runs, "two"))
+    done = keeltune("train", str(cfg), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = train_losses(runs / "two")
+    assert uninterrupted[STEPS] < uninterrupted[1]
+    assert all(r["train/kl"] >= 0 for r in read_metrics(runs / "two") if "train/kl" in r)
     checkpoint = runs / "two" / "checkpoints" / f"step_{STEPS:07d}"
     files = json.loads((checkpoint / "manifest.json").read_text())["files"]
     assert {"adapter.safetensors", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(files)
-    assert not any("base_layer" in name for name in load_file(checkpoint / "adapter.safetensors"))
-    # resume on one rank from the 2-rank checkpoint at step 2: the same losses after it
+    adapters = load_file(checkpoint / "adapter.safetensors")
+    assert len(adapters) == 2 * 7 * 2 and all("lora_" in name for name in adapters)  # every block's, whole
     (runs / "two" / "final").rename(tmp_path / "final_two")
-    import shutil
-
     shutil.rmtree(checkpoint)
     metrics = runs / "two" / "metrics.jsonl"
-    metrics.write_text(
-        "".join(line + "\n" for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2)
-    )
-    resumed = keeltune("train", str(tmp_path / "two.yaml"), "--nproc", "1")
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    resumed = keeltune("train", str(cfg), "--nproc", "1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = train_losses(runs / "two")
     for step in range(3, STEPS + 1):
-        assert abs(again[step] - train_losses(runs / "one")[step]) <= 1e-5, step
+        assert abs(again[step] - uninterrupted[step]) <= 1e-5, (step, again[step], uninterrupted[step])
     out = tmp_path / "export"
     done = keeltune("export", str(runs / "two"), "--out", str(out), "--merge")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True).eval()
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final_two", local_files_only=True).eval()
     ids = torch.randint(3, 500, (2, 16))
-    with torch.no_grad():
+    with torch.no_grad():  # final/ of the 2-rank run against the export of the run resumed on one rank
         assert torch.allclose(merged(input_ids=ids).logits, final(input_ids=ids).logits, atol=1e-5)
-    assert (out / "adapter_config.json").is_file()
