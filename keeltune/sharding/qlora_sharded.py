@@ -57,12 +57,15 @@ def _nf4_placeholders(model: torch.nn.Module, dtype: torch.dtype) -> None:
         module.weight = torch.nn.Parameter(to_nf4(module.weight.to(dtype)), requires_grad=False)
 
 
-def build_nf4_lora_model(config: Config, parallel: ParallelEnv, mesh: Any | None) -> torch.nn.Module:
-    """The NF4 base with fresh LoRA adapters (peft), sharded over ``mesh`` (None: whole, on one process)."""
+def build_nf4_lora_model(
+    config: Config, parallel: ParallelEnv, mesh: Any | None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The NF4 base, quantized from ``dtype`` rows (default: the compute dtype on this rank's device), with
+    fresh LoRA adapters (peft), sharded over ``mesh`` (None: whole, on one process)."""
     from peft import get_peft_model
 
     device = parallel.device
-    dtype = compute_dtype(config.sharding.qlora.compute_dtype, device)
+    dtype = dtype or compute_dtype(config.sharding.qlora.compute_dtype, device)
     base = _meta_model(config)
     buffers = _computed_buffers(base, base.config)
     check_shardable(
@@ -241,14 +244,16 @@ class ShardedQLoraBackend(Fsdp2Backend):
 
 
 def export_adapters(config: Config, adapter_file: Path, out: Path, *, merged_into: Path | None) -> None:
-    """On one process: the adapter as a peft folder (``out / "adapter"`` when merging into ``out``, else
-    ``out``), and with ``merged_into`` the whole NF4 base dequantized with the adapters merged in."""
+    """On one process, in host memory: the adapter as a peft folder (``out / "adapter"`` when merging into
+    ``out``, else ``out``), and with ``merged_into`` the whole NF4 base dequantized with the adapters merged in
+    (one matrix at a time)."""
     from keeltune.sharding.qlora import load_adapter_file, write_adapter, write_merged
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_nf4_lora_model(config, ParallelEnv(device=device), mesh=None)
+    trained_on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(config.sharding.qlora.compute_dtype, trained_on)  # the rows the run quantized
+    # in host memory: the whole 4-bit base, which a sharded run's GPU may not hold
+    model = build_nf4_lora_model(config, ParallelEnv(device=torch.device("cpu")), mesh=None, dtype=dtype)
     load_adapter_file(model, adapter_file)
     write_adapter(model, out / ADAPTER_DIR if merged_into == out else out)
     if merged_into is not None:
-        dtype = compute_dtype(config.sharding.qlora.compute_dtype, device)
         write_merged(model, merged_into, config.model.path, dtype)
