@@ -174,11 +174,11 @@ class Fsdp2Backend:
 
     def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
         parallel.ensure_process_group()
-        self.parallel = parallel
+        self.config, self.parallel = config, parallel
         self.grad_clip = config.training.grad_clip
         self.mesh = init_device_mesh(parallel.device.type, (dist.get_world_size(),))
         with large_allocations_returned():
-            self.model = build_sharded_model(config, self.mesh, parallel)
+            self.model = self._build_model()
         add_neftune(self.model, config.regularization.neftune_alpha)
         self.optimizer = torch.optim.AdamW(
             decay_groups(self.model, config.regularization.weight_decay),
@@ -188,10 +188,16 @@ class Fsdp2Backend:
             foreach=True,
         )
         self.reference: torch.nn.Module | None = None
-        if keep_reference:  # the base, sharded the same way: 1/N of the model per rank, no gradients
+        if keep_reference and self.keeps_reference_copy:  # the base sharded the same way: 1/N per rank
             with large_allocations_returned():
                 self.reference = build_sharded_model(config, self.mesh, parallel)
             self.reference.eval().requires_grad_(False)
+
+    keeps_reference_copy = True  # False: reference_logits needs no second model (adapters switched off)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The trained model, sharded over ``self.mesh``."""
+        return build_sharded_model(self.config, self.mesh, self.parallel)
 
     def forward_backward(
         self, input_ids: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, sync_grads: bool

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from keeltune.config import Config, ConfigError
@@ -35,7 +34,7 @@ from keeltune.sharding.fsdp2 import (
     local_rows,
     resharded,
 )
-from keeltune.sharding.model import add_neftune, decay_groups, enable_activation_checkpointing
+from keeltune.sharding.model import enable_activation_checkpointing
 from keeltune.sharding.qlora import ADAPTER_DIR, ADAPTER_FILE, compute_dtype, lora_config
 from keeltune.sharding.tensor_files import large_allocations_returned, model_tensor_files
 
@@ -183,23 +182,10 @@ class ShardedQLoraBackend(Fsdp2Backend):
     state_options = StateDictOptions(ignore_frozen_params=True, strict=False)
     checkpoint_kind = "a checkpoint of qlora with shard_base"
 
-    def __init__(self, config: Config, parallel: ParallelEnv, *, keep_reference: bool = False) -> None:
-        """``keep_reference`` costs nothing here: the reference is the base with the adapters disabled."""
-        parallel.ensure_process_group()
-        self.parallel = parallel
-        self.config = config
-        self.grad_clip = config.training.grad_clip
-        self.mesh = init_device_mesh(parallel.device.type, (dist.get_world_size(),))
-        self.model = build_nf4_lora_model(config, parallel, self.mesh)
-        add_neftune(self.model, config.regularization.neftune_alpha)
-        self.optimizer = torch.optim.AdamW(
-            decay_groups(self.model, config.regularization.weight_decay),
-            lr=config.training.lr,
-            betas=tuple(config.training.betas),
-            eps=config.training.eps,
-            foreach=True,
-        )
-        self.reference = None
+    keeps_reference_copy = False  # the reference is the base with the adapters disabled: no extra weights
+
+    def _build_model(self) -> torch.nn.Module:
+        return build_nf4_lora_model(self.config, self.parallel, self.mesh)
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
